@@ -1,0 +1,74 @@
+"""The admin HTTP application: `/healthz`, `/readyz`, `/metrics` (ARCHITECTURE.md
+"Operator surface"). The `/v1/` routes are added by `admin_http.routes` when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+if TYPE_CHECKING:
+    from hub.node import HubNode
+
+__all__ = ["HUB_KEY", "REGISTRY_KEY", "make_app"]
+
+HUB_KEY = web.AppKey("hub", object)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+READY_TIMEOUT_S = 2.0
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    resp = await handler(request)
+    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    resp.headers.setdefault("X-Frame-Options", "DENY")
+    resp.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+    resp.headers.setdefault("Referrer-Policy", "no-referrer")
+    if request.path.startswith("/v1/"):
+        resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    hub: HubNode = request.app[HUB_KEY]  # type: ignore[assignment]
+    failed = []
+    for name, probe in (("store", hub.store.ping), ("broker", hub.broker.ping)):
+        try:
+            await asyncio.wait_for(probe(), READY_TIMEOUT_S)
+        except Exception:
+            failed.append(name)
+    if not hub.accepting:
+        failed.append("shutting_down")
+    if failed:
+        return web.json_response({"status": "unavailable", "failed": failed}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    body = generate_latest(registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_app(hub: HubNode, registry: CollectorRegistry) -> web.Application:
+    app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
+    app[HUB_KEY] = hub
+    app[REGISTRY_KEY] = registry
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    try:
+        from admin_http.routes import add_routes  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        add_routes(app)
+    return app

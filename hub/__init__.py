@@ -1,0 +1,1 @@
+"""The OpenRed hub server: sessions, routing, topics, limits, config, CLI."""

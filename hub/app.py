@@ -1,0 +1,139 @@
+"""Start-up and shutdown of one hub process: store, broker, WebSocket server, admin HTTP,
+in that order, and torn down in reverse (STYLE.md "Resources").
+
+`RunningHub` is what tests and `openred-hub serve` use: `async with RunningHub(cfg) as h`
+gives a live hub on `h.ws_port` / `h.admin_port` (port 0 in the config picks free ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+from prometheus_client.registry import CollectorRegistry
+
+from admin_http.app import make_app
+from hub.broker import open_broker
+from hub.config import Config
+from hub.metrics import Metrics
+from hub.node import HubNode
+from persistence.store import open_store
+from protocol.tokens import TokenVerifier
+
+__all__ = ["RunningHub", "install_uvloop", "serve"]
+
+log = logging.getLogger("openred.hub")
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - not on Windows
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def token_verifier(cfg: Config) -> TokenVerifier | None:
+    a = cfg.auth
+    pem = Path(a.jwt_public_key_file).read_bytes() if a.jwt_public_key_file else None
+    if a.jwt_secret is None and pem is None:
+        return None
+    algorithms = [alg for alg in a.jwt_algorithms
+                  if (alg == "HS256" and a.jwt_secret) or (alg != "HS256" and pem)]
+    if not algorithms:
+        return None
+    return TokenVerifier(algorithms=algorithms, secret=a.jwt_secret if "HS256" in algorithms
+                         else None, public_key_pem=pem, audience=a.jwt_audience,
+                         leeway_s=a.clock_skew_s)
+
+
+class RunningHub:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.registry = CollectorRegistry()
+        self.node: HubNode | None = None
+        self._server: asyncio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self.ws_port = cfg.server.ws_port
+        self.admin_port = cfg.server.admin_port
+
+    async def __aenter__(self) -> RunningHub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.registry.register(PROCESS_COLLECTOR)
+        self.registry.register(PLATFORM_COLLECTOR)
+        metrics = Metrics(self.registry)
+        store = open_store(cfg.store.url, auto_migrate=cfg.store.auto_migrate,
+                           pool_size=cfg.store.pool_size)
+        await store.open()
+        self.store = store
+        broker = open_broker(cfg.broker.url, seed=store.last_seq)
+        node = HubNode(cfg, store, broker, metrics, token_verifier(cfg))
+        await broker.start(cfg.server.instance_id, node)
+        self.node = node
+        node.start()
+        ssl_ctx = None
+        if cfg.server.tls_cert and cfg.server.tls_key:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            node.new_session, cfg.server.ws_host, cfg.server.ws_port, ssl=ssl_ctx,
+            backlog=4096, reuse_address=True)
+        self.ws_port = self._server.sockets[0].getsockname()[1]
+        runner = web.AppRunner(make_app(node, self.registry), access_log=None,
+                               handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.server.admin_host, cfg.server.admin_port)
+        await site.start()
+        self._admin = runner
+        self.admin_port = runner.addresses[0][1]
+        if not cfg.admin.tokens:
+            log.warning("no admin tokens configured: every /v1/ admin route answers 401",
+                        extra={"event": "admin_disabled"})
+        log.info("hub listening", extra={
+            "event": "listening", "ws": f"{cfg.server.ws_host}:{self.ws_port}",
+            "admin": f"{cfg.server.admin_host}:{self.admin_port}",
+            "instance": cfg.server.instance_id, "hub_id": cfg.server.hub_id})
+
+    async def stop(self) -> None:
+        """Stop accepting, say bye, drain with a deadline, release backends."""
+        if self._server is not None:
+            self._server.close()
+        if self.node is not None:
+            await self.node.shutdown(self.cfg.server.shutdown_grace_s)
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        if self.node is not None:
+            await self.node.broker.close()
+            await self.node.store.close()
+            self.node = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+
+async def serve(cfg: Config) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with RunningHub(cfg):
+        await stop.wait()
+        log.info("shutting down", extra={"event": "shutdown"})
+    return 0

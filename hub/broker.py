@@ -1,0 +1,149 @@
+"""The `Broker` contract (cross-instance routing, cluster presence, topic sequences) and
+its in-process `memory` implementation.
+
+The router always asks its local registry first and the broker second, so a single
+process and a cluster take the same code path; only the broker behind it differs.
+
+Contract every implementation keeps (checked by one conformance suite):
+
+- `next_seq(topic)` returns 1, 2, 3, ... for a topic, cluster wide, never reusing a
+  value, also across restarts (the memory broker seeds each topic from the store's
+  `last_seq` the first time it sees it).
+- `publish_to_node` delivers the frame to the instance holding the node's session, in
+  call order per (caller, node); it returns False when no instance holds the node.
+  It never delivers to the calling instance (the router already looked there).
+- `publish_to_topic` reaches every other instance that declared `interest` in the topic.
+- `claim(node)` makes this instance the holder of the node's one session; the previous
+  holder on another instance gets `on_control(node, "replace", session)`.
+- `control(node, command)` reaches the instance holding the node (kick, ban).
+- A broker that cannot reach its backend raises `BrokerUnavailable`; local delivery
+  never depends on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
+
+__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "MemoryBroker", "open_broker"]
+
+
+class BrokerUnavailable(Exception):
+    """The broker's backend cannot be reached; the publish did not happen."""
+
+
+class BrokerHandler(Protocol):
+    """What an instance does with traffic the broker brings from other instances."""
+
+    def on_node_frame(self, node_id: str, frame: bytes, qos: int, mid: str) -> None: ...
+
+    def on_topic_frame(self, topic: str, seq: int, frame: bytes) -> None: ...
+
+    def on_control(self, node_id: str, command: str, session_id: str | None) -> None: ...
+
+
+class Broker(Protocol):
+    async def start(self, instance_id: str, handler: BrokerHandler) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Return when the backend answers; raise BrokerUnavailable otherwise."""
+
+    async def next_seq(self, topic: str) -> int: ...
+
+    async def last_seq(self, topic: str) -> int:
+        """The topic's current sequence (0 before the first publish)."""
+
+    async def claim(self, node_id: str, session_id: str) -> None: ...
+
+    async def release(self, node_id: str, session_id: str) -> None: ...
+
+    async def publish_to_node(self, node_id: str, frame: bytes, qos: int, mid: str) -> bool: ...
+
+    async def publish_to_topic(self, topic: str, seq: int, frame: bytes) -> None: ...
+
+    async def interest(self, topic: str, on: bool) -> None: ...
+
+    async def presence(self, node_ids: Iterable[str]) -> dict[str, bool]:
+        """Which of these nodes have a session on another instance."""
+
+    async def control(self, node_id: str, command: str) -> bool:
+        """Send kick/ban to the instance holding the node; False if none does."""
+
+
+class MemoryBroker:
+    """One process, no other instance: routing beyond the local registry finds nobody,
+    and topic sequences live here, seeded from the store so a restart never reuses one."""
+
+    def __init__(self, seed: Callable[[str], Awaitable[int]] | None = None) -> None:
+        self._seq: dict[str, int] = {}
+        self._seed = seed
+
+    async def start(self, instance_id: str, handler: BrokerHandler) -> None:
+        self.instance_id = instance_id
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        pass
+
+    async def next_seq(self, topic: str) -> int:
+        seq = self._seq.get(topic)
+        if seq is None:
+            seq = await self.last_seq(topic)
+        seq += 1
+        self._seq[topic] = seq
+        return seq
+
+    async def last_seq(self, topic: str) -> int:
+        seq = self._seq.get(topic)
+        if seq is not None:
+            return seq
+        seeded = await self._seed(topic) if self._seed is not None else 0
+        # Another caller may have seeded (and advanced) it while we awaited.
+        seq = self._seq.get(topic)
+        if seq is None:
+            self._seq[topic] = seq = seeded
+        return seq
+
+    def forget(self, topic: str) -> None:
+        """Drop a cached sequence (it is re-seeded from the store on next use): keeps the
+        table bounded by the topics in use, not every topic ever published."""
+        self._seq.pop(topic, None)
+
+    def __len__(self) -> int:
+        return len(self._seq)
+
+    async def claim(self, node_id: str, session_id: str) -> None:
+        pass
+
+    async def release(self, node_id: str, session_id: str) -> None:
+        pass
+
+    async def publish_to_node(self, node_id: str, frame: bytes, qos: int, mid: str) -> bool:
+        return False
+
+    async def publish_to_topic(self, topic: str, seq: int, frame: bytes) -> None:
+        pass
+
+    async def interest(self, topic: str, on: bool) -> None:
+        pass
+
+    async def presence(self, node_ids: Iterable[str]) -> dict[str, bool]:
+        return {}
+
+    async def control(self, node_id: str, command: str) -> bool:
+        return False
+
+
+def open_broker(url: str, seed: Callable[[str], Awaitable[int]] | None = None) -> Broker:
+    if url.startswith("memory:"):
+        return MemoryBroker(seed)
+    if url.startswith(("redis://", "rediss://")):
+        from hub.broker_redis import RedisBroker  # type: ignore[import-not-found]
+
+        broker: Broker = RedisBroker(url)
+        return broker
+    raise ValueError(f"broker.url: unsupported scheme {url.split(':', 1)[0]!r}")

@@ -1,0 +1,94 @@
+"""Hub metrics (ARCHITECTURE.md "Metrics"): plain counters on the hot path, exported as
+Prometheus families at scrape time.
+
+Why not prometheus_client counters per frame: a labelled `.inc()` costs a lock and a
+dict lookup; a routed message may cost only a few microseconds in all. The hub bumps ints
+here and `StatsCollector` turns them into families when `/metrics` is read. Histograms
+are observed per batch or per sampled message, never for every frame.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+__all__ = ["Metrics", "StatsCollector"]
+
+PREFIX = "openred_hub_"
+
+
+class Metrics:
+    """Counters of one hub process. Attribute updates only; no I/O."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = 0
+        self.handshakes: defaultdict[str, int] = defaultdict(int)
+        self.frames_in: defaultdict[str, int] = defaultdict(int)
+        self.frames_out: defaultdict[str, int] = defaultdict(int)
+        self.routed: defaultdict[str, int] = defaultdict(int)  # local|remote|queued|dropped
+        self.rate_limited = 0
+        self.slow_consumer_disconnects = 0
+        self.auth_failures: defaultdict[str, int] = defaultdict(int)
+        self.audit_dropped = 0
+        buckets_fast = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1)
+        self.route_seconds = Histogram(
+            PREFIX + "route_seconds", "Receive-to-write time of routed messages (sampled).",
+            buckets=buckets_fast, registry=registry)
+        self.store_write_seconds = Histogram(
+            PREFIX + "store_write_seconds", "Time of store writes as seen by the hub.",
+            buckets=buckets_fast, registry=registry)
+        self.broker_publish_seconds = Histogram(
+            PREFIX + "broker_publish_seconds", "Time of broker publishes.",
+            buckets=buckets_fast, registry=registry)
+        self.send_queue_frames = Histogram(
+            PREFIX + "send_queue_frames", "Frames waiting in a session's send queue at flush.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384),
+            registry=registry)
+        registry.register(StatsCollector(self))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "connections": self.connections,
+            "frames_in": dict(self.frames_in),
+            "frames_out": dict(self.frames_out),
+            "routed": dict(self.routed),
+            "handshakes": dict(self.handshakes),
+            "rate_limited": self.rate_limited,
+            "slow_consumer_disconnects": self.slow_consumer_disconnects,
+        }
+
+
+class StatsCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Any]:
+        m = self.m
+        g = GaugeMetricFamily(PREFIX + "connections", "Open node sessions.")
+        g.add_metric([], m.connections)
+        yield g
+        yield _labelled(PREFIX + "handshakes", "Handshakes by result.", "result", m.handshakes)
+        yield _labelled(PREFIX + "frames_in", "Frames received by type.", "type", m.frames_in)
+        yield _labelled(PREFIX + "frames_out", "Frames sent by type.", "type", m.frames_out)
+        yield _labelled(PREFIX + "messages_routed", "Messages by route.", "route", m.routed)
+        c = CounterMetricFamily(PREFIX + "rate_limited", "Frames refused by the rate limit.")
+        c.add_metric([], m.rate_limited)
+        yield c
+        c = CounterMetricFamily(PREFIX + "slow_consumer_disconnects",
+                                "Sessions closed as slow consumers.")
+        c.add_metric([], m.slow_consumer_disconnects)
+        yield c
+        yield _labelled(PREFIX + "auth_failures", "Refused handshakes by reason.", "reason",
+                        m.auth_failures)
+
+
+def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc, labels=[label])
+    for k, v in sorted(values.items()):
+        c.add_metric([k], v)
+    return c

@@ -1,0 +1,419 @@
+"""The process-wide hub object: configuration, store, broker, metrics, the local registry
+(node id -> session, topic -> sessions) and every routing decision.
+
+Cluster-wide delivery always goes through the methods here (local registry first, broker
+second), never around them. `HubNode` is also the broker's handler for traffic from
+other instances, and the target of operator actions (kick, ban, server-side send).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from hub.broker import Broker
+from hub.config import Config, effective_limits
+from hub.metrics import Metrics
+from hub.ratelimit import IpLimiter
+from hub.session import ACTIVE, CLOSING, Session
+from persistence.store import Store, StoreUnavailable
+from protocol import errors as E
+from protocol.frames import (
+    DecodeLimits,
+    Hello,
+    encode_bye,
+    encode_error,
+    encode_msg,
+    encode_receipt,
+    encode_topic_msg,
+    encode_welcome,
+)
+from protocol.handshake import Authenticated, ServerHandshake
+from protocol.ids import MidGenerator
+from protocol.tokens import TokenVerifier
+
+__all__ = ["ADMIN_SENDER", "HubNode"]
+
+log = logging.getLogger("openred.hub")
+
+ADMIN_SENDER = "$admin"  # §4: outside the node id alphabet, so no node can claim it
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class HubNode:
+    def __init__(self, cfg: Config, store: Store, broker: Broker, metrics: Metrics,
+                 verifier: TokenVerifier | None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.broker = broker
+        self.metrics = metrics
+        self.verifier = verifier
+        self.loop = asyncio.get_running_loop()
+        self.instance_id = cfg.server.instance_id
+        self.clustered = not cfg.broker.url.startswith("memory:")
+        self.allowlist = cfg.auth.mode == "allowlist"
+        self.send_queue_max = cfg.limits.send_queue_max
+        self.decode_limits = DecodeLimits(max_body_bytes=cfg.limits.max_body_bytes)
+        self.welcome_limits = effective_limits(cfg)
+        self.ip_limiter = IpLimiter(cfg.limits.handshakes_per_s, cfg.limits.burst)
+        self.ws_extensions: list[Any] | None = None
+        if cfg.server.compression:
+            from websockets.extensions.permessage_deflate import (
+                ServerPerMessageDeflateFactory,
+            )
+
+            self.ws_extensions = [ServerPerMessageDeflateFactory()]
+        self.mid = MidGenerator()
+        self.connections: set[Session] = set()
+        self.local: dict[str, Session] = {}
+        self.topics: dict[str, set[Session]] = {}
+        self.accepting = True
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def new_session(self) -> Session:
+        return Session(self)
+
+    def new_handshake(self) -> ServerHandshake:
+        return ServerHandshake(self.cfg.server.hub_id, self.verifier)
+
+    def start(self) -> None:
+        self._housekeeping = self.loop.create_task(self._housekeep())
+
+    def background(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """§7 graceful shutdown: say bye (retry_ms), close 1012, let in-flight store
+        writes finish within the grace period (nothing accepted is lost)."""
+        self.accepting = False
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        retry_ms = 1000 + int.from_bytes(os.urandom(2), "big") % 4000
+        bye = encode_bye("shutdown", retry_ms)
+        inflight = []
+        for s in list(self.connections):
+            inflight.extend(t for t in s._tasks if not t.done())
+            s.close(E.CLOSE_RESTART, "restart", bye=bye)
+        if inflight:
+            await asyncio.wait(inflight, timeout=grace_s)
+        deadline = self.loop.time() + min(grace_s, 2.0)
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.connections):
+            if s.transport is not None:
+                s.transport.abort()
+
+    async def _housekeep(self) -> None:
+        """Once a second: pings every hb, idle close after 3 x hb (§7); every minute:
+        purge expired messages."""
+        hb = self.cfg.limits.hb_s
+        idle = 3 * hb
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            tick += 1
+            now = self.loop.time()
+            for s in list(self.connections):
+                if s.state != ACTIVE:
+                    continue
+                if now - s.last_rx > idle:
+                    s.close(E.CLOSE_IDLE, "idle timeout")
+                elif now - s.last_ping >= hb:
+                    s.last_ping = now
+                    try:
+                        s.ws.send_ping(b"")
+                        s._write_ws()
+                    except Exception:
+                        pass
+            if tick % 60 == 0:
+                try:
+                    await self.store.purge_expired(_now_ms())
+                except StoreUnavailable:
+                    pass
+
+    # -- handshake (§2) -------------------------------------------------------------
+
+    def auth_refused(self, session: Session, reason: str, code: str = E.AUTH_FAILED,
+                     close_code: int = E.CLOSE_AUTH_FAILED, node: str | None = None) -> None:
+        m = self.metrics
+        m.handshakes["failed" if code == E.AUTH_FAILED else code] += 1
+        if code == E.AUTH_FAILED:
+            m.auth_failures[_reason_label(reason)] += 1
+        self.store.audit_nowait("auth_failed" if code == E.AUTH_FAILED else "auth_refused",
+                                node, session.ip, {"reason": reason, "code": code}, _now_ms())
+        msg = "authentication failed" if code == E.AUTH_FAILED else reason
+        session.close(close_code, code, error=encode_error(None, code, msg))
+
+    async def authenticate(self, session: Session, hello: Hello) -> None:
+        try:
+            auth = session._handshake.check(hello)
+        except E.HandshakeError as exc:
+            self.auth_refused(session, exc.reason)
+            return
+        node_id = auth.node_id
+        try:
+            rec = await self.store.get_node(node_id)
+        except StoreUnavailable:
+            self.metrics.handshakes["unavailable"] += 1
+            session.close(E.CLOSE_INTERNAL, "store unavailable",
+                          error=encode_error(None, E.UNAVAILABLE, "store unavailable"))
+            return
+        if session.state != 2:  # AUTH: the peer went away while we waited
+            return
+        if rec is not None and rec.banned:
+            self.auth_refused(session, "banned", E.FORBIDDEN, E.CLOSE_FORBIDDEN, node_id)
+            return
+        if self.allowlist and (rec is None or not rec.registered):
+            self.auth_refused(session, "not registered", E.FORBIDDEN, E.CLOSE_FORBIDDEN,
+                              node_id)
+            return
+        if auth.key is None and rec is not None and rec.key is not None:
+            # A token-authenticated node whose operator registered a key: the key is
+            # still what body signatures are checked against (auth.verify_body_sig).
+            auth = Authenticated(auth.node_id, rec.key, auth.topics, auth.batch, auth.meta,
+                                 auth.method)
+        now = _now_ms()
+        try:
+            await self.store.node_seen(node_id, hello.key, hello.meta, now)
+            pending = await self.store.count_pending(node_id, now)
+        except StoreUnavailable:
+            self.metrics.handshakes["unavailable"] += 1
+            session.close(E.CLOSE_INTERNAL, "store unavailable",
+                          error=encode_error(None, E.UNAVAILABLE, "store unavailable"))
+            return
+        if session.state != 2 or not self.accepting:
+            return
+        old = self.local.get(node_id)
+        if old is not None and old is not session:
+            old.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
+        session_id = self.mid(now)
+        self.local[node_id] = session
+        self.metrics.connections += 1
+        self.metrics.handshakes["ok"] += 1
+        self.store.audit_nowait("auth_ok", node_id, session.ip, {"method": auth.method}, now)
+        session.push(encode_welcome(node_id, session_id, self.cfg.limits.hb_s, pending,
+                                    self.welcome_limits))
+        session.activate(auth, session_id)
+        if self.clustered:
+            try:
+                await self.broker.claim(node_id, session_id)
+            except Exception:
+                log.warning("broker claim failed", extra={"event": "claim_failed"})
+        if pending and session.state == ACTIVE:
+            await session.replay_queue()
+
+    def detach(self, session: Session) -> None:
+        node_id = session.node_id
+        if self.local.get(node_id) is session:
+            del self.local[node_id]
+            if self.clustered:
+                self.background(self.broker.release(node_id, session.session_id))
+        self.metrics.connections -= 1
+        for topic in session.topics:
+            self._drop_subscriber(session, topic)
+
+    # -- routing ------------------------------------------------------------------
+
+    async def publish_to_node(self, node_id: str, frame: bytes, qos: int, mid: str) -> bool:
+        t0 = time.perf_counter()
+        ok = await self.broker.publish_to_node(node_id, frame, qos, mid)
+        self.metrics.broker_publish_seconds.observe(time.perf_counter() - t0)
+        self.metrics.routed["remote" if ok else "dropped"] += 1
+        return ok
+
+    async def deliver_q1(self, node_id: str, mid: str, frame: bytes) -> None:
+        """A stored QoS 1 message: push it to the recipient's session wherever it is;
+        if none, it waits in the store for the next session."""
+        target = self.local.get(node_id)
+        if target is not None:
+            self.metrics.routed["local"] += 1
+            target.push_q1(mid, frame)
+            return
+        if self.clustered:
+            try:
+                if await self.publish_to_node(node_id, frame, 1, mid):
+                    return
+            except Exception:
+                pass  # stored: delivered on the node's next session
+        self.metrics.routed["queued"] += 1
+
+    def push_to_sender(self, node_id: str, frame: bytes) -> None:
+        target = self.local.get(node_id)
+        if target is not None:
+            target.push(frame)
+        elif self.clustered:
+            self.background(self.broker.publish_to_node(node_id, frame, 0, ""))
+
+    async def ack(self, session: Session, mids: list[str]) -> None:
+        try:
+            acked = await self.store.ack(session.node_id, mids, _now_ms())
+        except StoreUnavailable:
+            return  # not acked: redelivered on the next session (at least once)
+        now = _now_ms()
+        for a in acked:
+            if a.receipt:
+                self.metrics.frames_out["receipt"] += 1
+                self.push_to_sender(a.sender, encode_receipt(a.mid, session.node_id, now))
+
+    async def send_from_admin(self, to: str, body: bytes, qos: int,
+                              ttl_s: int | None) -> tuple[str, str]:
+        """Server-side send (`POST /v1/messages`): from = $admin. Returns (mid, status)."""
+        now = _now_ms()
+        mid = self.mid(now)
+        if qos == 0:
+            frame = encode_msg(mid, ADMIN_SENDER, body, now, 0)
+            target = self.local.get(to)
+            if target is not None:
+                target.push(frame)
+                return mid, "sent"
+            if self.clustered and await self.publish_to_node(to, frame, 0, mid):
+                return mid, "sent"
+            return mid, "no_route"
+        from persistence.store import StoredMessage
+
+        ttl = ttl_s if ttl_s is not None else self.cfg.store.message_ttl_s
+        await self.store.enqueue(StoredMessage(mid, ADMIN_SENDER, to, body, now,
+                                               now + ttl * 1000),
+                                 self.cfg.limits.max_pending_per_node)
+        await self.deliver_q1(to, mid, encode_msg(mid, ADMIN_SENDER, body, now, 1))
+        return mid, "stored"
+
+    # -- topics (§5) ----------------------------------------------------------------
+
+    def subscribe(self, session: Session, topic: str) -> None:
+        subs = self.topics.get(topic)
+        if subs is None:
+            subs = self.topics[topic] = set()
+            if self.clustered:
+                self.background(self.broker.interest(topic, True))
+        subs.add(session)
+
+    def unsubscribe(self, session: Session, topic: str) -> None:
+        self._drop_subscriber(session, topic)
+
+    def _drop_subscriber(self, session: Session, topic: str) -> None:
+        subs = self.topics.get(topic)
+        if subs is None:
+            return
+        subs.discard(session)
+        if not subs:
+            del self.topics[topic]
+            if self.clustered:
+                self.background(self.broker.interest(topic, False))
+
+    async def publish(self, session: Session | None, fid: int | str | None, topic: str,
+                      body: bytes, sender: str | None = None) -> tuple[str, int] | None:
+        """Sequence, keep in history, fan out (local, then other instances)."""
+        from persistence.store import HistoryEntry
+
+        sender = sender if sender is not None else session.node_id if session else ADMIN_SENDER
+        try:
+            seq = await self.broker.next_seq(topic)
+        except Exception:
+            if session is not None:
+                session.reply_error(fid, E.UNAVAILABLE, "broker unavailable")
+            return None
+        ts = _now_ms()
+        mid = self.mid(ts)
+        keep = self.cfg.store.topic_history
+        try:
+            await self.store.append_history(
+                HistoryEntry(topic, seq, mid, sender, body, ts), keep,
+                self.cfg.store.topic_history_ttl_s * 1000)
+        except StoreUnavailable:
+            if keep > 0:
+                # §5 recovery promises what history holds; a message it cannot hold is
+                # refused rather than sent around it.
+                if session is not None:
+                    session.reply_error(fid, E.UNAVAILABLE, "history store unavailable")
+                return None
+        frame = encode_topic_msg(mid, sender, topic, seq, body, ts)
+        self.fanout(topic, seq, frame, session)
+        if self.clustered:
+            try:
+                await self.broker.publish_to_topic(topic, seq, frame)
+            except Exception:
+                log.warning("topic publish to broker failed",
+                            extra={"event": "broker_publish_failed"})
+        if session is not None:
+            session.reply_ok(fid, mid=mid, seq=seq)
+        return mid, seq
+
+    def fanout(self, topic: str, seq: int, frame: bytes, exclude: Session | None) -> None:
+        subs = self.topics.get(topic)
+        if not subs:
+            return
+        n = 0
+        for s in subs:
+            if s is not exclude:
+                s.push_topic(topic, seq, frame)
+                n += 1
+        self.metrics.frames_out["msg"] += n
+        self.metrics.routed["local"] += n
+
+    # -- presence (§6) ----------------------------------------------------------------
+
+    async def presence(self, nodes: list[str]) -> dict[str, bool]:
+        online = {n: n in self.local for n in nodes}
+        if self.clustered:
+            others = [n for n, on in online.items() if not on]
+            if others:
+                online.update(await self.broker.presence(others))
+        return online
+
+    # -- operator actions -------------------------------------------------------------
+
+    def close_node(self, node_id: str, code: int, reason: str) -> bool:
+        """Close a node's local session (kick 4012, ban 4003); True if one was here."""
+        s = self.local.get(node_id)
+        if s is None or s.state >= CLOSING:
+            return False
+        s.close(code, reason, bye=encode_bye(reason))
+        return True
+
+    # -- broker handler (traffic from other instances) --------------------------------
+
+    def on_node_frame(self, node_id: str, frame: bytes, qos: int, mid: str) -> None:
+        s = self.local.get(node_id)
+        if s is None:
+            return
+        if qos == 1:
+            s.push_q1(mid, frame)
+        else:
+            s.push(frame)
+
+    def on_topic_frame(self, topic: str, seq: int, frame: bytes) -> None:
+        self.fanout(topic, seq, frame, None)
+
+    def on_control(self, node_id: str, command: str, session_id: str | None) -> None:
+        s = self.local.get(node_id)
+        if s is None or (session_id is not None and s.session_id == session_id):
+            return
+        if command == "replace":
+            s.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
+        elif command == "kick":
+            s.close(E.CLOSE_KICKED, "kicked", bye=encode_bye("kicked"))
+        elif command == "ban":
+            s.close(E.CLOSE_FORBIDDEN, "banned", bye=encode_bye("banned"))
+
+
+def _reason_label(reason: str) -> str:
+    """Bounded label values for auth_failures_total{reason}."""
+    from protocol.tokens import TOKEN_ERROR_REASONS
+
+    if reason in TOKEN_ERROR_REASONS:
+        return reason
+    if reason == "bad_signature" or reason.startswith(("sig", "key")):
+        return "bad_signature"
+    return "bad_hello"

@@ -1,0 +1,779 @@
+"""One node connection: the WebSocket transport adapter and the session state machine.
+
+`Session` is an `asyncio.Protocol` driving websockets' sans-I/O `ServerProtocol`
+(PERF-NOTES.md: one write per frame is what makes the asyncio API slow). Frames bound
+for a session during one event-loop iteration are queued in `_out` and written with
+one `transport.write` by `_flush`, scheduled once per iteration. The queue is bounded by
+`limits.send_queue_max`; past it the session is closed as a slow consumer (§7).
+
+Inbound, every message is decoded once (`protocol.frames.decode_client`), rate limited
+and handled: QoS 0 sends and topic fan-out are synchronous; what needs the store or the
+broker runs as a task, with the number in flight bounded (reading pauses past it).
+Routing beyond this session always goes through `HubNode` (hub/node.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from websockets.frames import Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+
+from hub.ratelimit import TokenBucket
+from persistence.store import QueueFull, StoredMessage, StoreUnavailable
+from protocol import errors as E
+from protocol.errors import DecodeError, FrameError
+from protocol.frames import (
+    Ack,
+    Hello,
+    Presence,
+    Pub,
+    Send,
+    Sub,
+    Unsub,
+    batch_of,
+    decode_client,
+    encode_bye,
+    encode_error,
+    encode_msg,
+    encode_ok,
+    encode_topic_msg,
+)
+from protocol.identity import body_message, verify_signature
+from protocol.tokens import topic_allowed
+
+if TYPE_CHECKING:
+    from hub.node import HubNode
+    from protocol.handshake import Authenticated
+
+__all__ = ["Session"]
+
+log = logging.getLogger("openred.hub.session")
+_ws_log = logging.getLogger("openred.hub.ws")
+_ws_log.setLevel(logging.WARNING)  # websockets logs every open/close at info
+
+HTTP, HELLO, AUTH, ACTIVE, CLOSING, CLOSED = range(6)
+WS_PATH = "/v1/ws"
+MAX_INFLIGHT = 1024  # async operations per session before reading pauses
+RESUME_INFLIGHT = 512
+CLOSE_GRACE_S = 2.0  # how long a closing peer may take before the socket is aborted
+BACKLOG_PAGE = 500
+_BIN = Opcode.BINARY
+_TEXT = Opcode.TEXT
+_CONT = Opcode.CONT
+
+
+def _ws_header(n: int) -> bytes:
+    """Header of an unmasked final binary frame (server to client, RFC 6455 §5.2)."""
+    if n < 126:
+        return bytes((0x82, n))
+    if n < 65536:
+        return b"\x82\x7e" + n.to_bytes(2, "big")
+    return b"\x82\x7f" + n.to_bytes(8, "big")
+
+
+class _Recovery:
+    """Live topic messages held back while a `sub` reads history (§5: no gap, no dup)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, bytes]] = []
+
+
+class Session(asyncio.Protocol):
+    def __init__(self, hub: HubNode) -> None:
+        self.hub = hub
+        cfg = hub.cfg
+        self.ws = ServerProtocol(
+            max_size=cfg.limits.max_frame_bytes,
+            extensions=hub.ws_extensions,
+            logger=_ws_log,
+        )
+        self.loop = hub.loop
+        self.transport: asyncio.Transport | None = None
+        self.state = HTTP
+        self.ip = "?"
+        self.node_id = ""
+        self.session_id = ""
+        self.key: bytes | None = None
+        self.topics_allowed: tuple[str, ...] | None = None
+        self.batch_out = False
+        self.topics: dict[str, _Recovery | None] = {}
+        self.last_rx = self.loop.time()
+        self.last_ping = self.last_rx
+        self.challenge_at = 0.0
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._read_paused = False
+        self._drained: asyncio.Event | None = None
+        self._frag: list[bytes] | None = None
+        self._held: list[bytes] = []  # messages received while the hello is checked
+        self._handshake: Any = None
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._bucket = TokenBucket(cfg.limits.msgs_per_s, cfg.limits.burst, self.last_rx)
+        self._refused = 0
+        self._refused_since = 0.0
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._q1_tail: asyncio.Future[Any] | None = None
+        self._ctl: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._ctl_task: asyncio.Task[None] | None = None
+        self._backlog: dict[str, bytes] | None = None  # QoS 1 held while the queue replays
+        self._backlog_overflow = False
+        self._flushes = 0
+
+    # -- transport callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.ip = str(peer[0])
+        transport.set_write_buffer_limits(high=256 * 1024)
+        self.hub.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        self.last_rx = self.loop.time()
+        events = ws.events_received()
+        if events:
+            self._events(events)
+        self._write_ws()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._write_ws()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._detach()
+        self.state = CLOSED
+        self.hub.connections.discard(self)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self._ctl_task is not None:
+            self._ctl_task.cancel()
+        self._out.clear()
+        if self._drained is not None:
+            self._drained.set()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._out:
+            self._flush()
+
+    # -- websocket layer ----------------------------------------------------------
+
+    def _write_ws(self) -> None:
+        """Write what the sans-I/O protocol produced (handshake, pongs, close frames)."""
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.ws.data_to_send():
+            if data:
+                if not transport.is_closing():
+                    transport.write(data)
+            else:  # SEND_EOF: the server closes the TCP connection (RFC 6455 §7.1.1)
+                transport.close()
+
+    def _events(self, events: list[Any]) -> None:
+        for ev in events:
+            if self.state >= CLOSING:
+                return
+            if type(ev) is Request:
+                self._on_request(ev)
+                continue
+            op = ev.opcode
+            if op is _BIN:
+                if ev.fin:
+                    self._on_message(ev.data)
+                else:
+                    self._frag = [ev.data]
+            elif op is _CONT:
+                if self._frag is None:  # continuation of a text message (already closing)
+                    continue
+                self._frag.append(ev.data)
+                if ev.fin:
+                    data = b"".join(self._frag)
+                    self._frag = None
+                    self._on_message(data)
+            elif op is _TEXT:
+                self._close(E.CLOSE_UNSUPPORTED_DATA, "text message")  # §1
+            # PING is answered by the protocol object; PONG only refreshes last_rx.
+
+    def _on_request(self, request: Request) -> None:
+        ws = self.ws
+        hub = self.hub
+        path = request.path.split("?", 1)[0]
+        if path != WS_PATH:
+            ws.send_response(ws.reject(404, "Not Found\n"))
+            return
+        if not hub.ip_limiter.allow(self.ip, self.loop.time()):
+            hub.metrics.handshakes["rate_limited"] += 1
+            ws.send_response(ws.reject(429, "Too Many Requests\n"))
+            return
+        response = ws.accept(request)
+        ws.send_response(response)
+        if response.status_code != 101:
+            return
+        self.state = HELLO
+        self._handshake = hub.new_handshake()
+        self._write_ws()
+        self._write_now(self._handshake.challenge())
+        self.challenge_at = self.loop.time()
+        self._hello_timer = self.loop.call_later(hub.cfg.auth.hello_timeout_s,
+                                                 self._hello_timeout)
+
+    def _hello_timeout(self) -> None:
+        self._hello_timer = None
+        if self.state == HELLO:
+            self.hub.metrics.handshakes["timeout"] += 1
+            self._close(E.CLOSE_HELLO_TIMEOUT, "hello timeout")
+
+    # -- outgoing -----------------------------------------------------------------
+
+    def push(self, frame: bytes) -> None:
+        """Queue one encoded frame; written with the others at the end of this loop
+        iteration. Never blocks; a full queue closes the session as a slow consumer."""
+        out = self._out
+        out.append(frame)
+        if len(out) > self.hub.send_queue_max:
+            if self.state == ACTIVE:
+                self._slow_consumer()
+            return
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self._write_paused or self.transport is None:
+            return
+        self._out = []
+        self._flushes += 1
+        if self._flushes & 31 == 0:
+            self.hub.metrics.send_queue_frames.observe(len(out))
+        self._write_frames(out)
+        if self._drained is not None:
+            self._drained.set()
+
+    def _write_frames(self, frames: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.batch_out and len(frames) > 1:
+            frames = self._batches(frames)
+        if self.hub.ws_extensions:  # permessage-deflate: frames go through the protocol
+            for f in frames:
+                self.ws.send_binary(f)
+            self._write_ws()
+            return
+        parts: list[bytes] = []
+        for f in frames:
+            parts.append(_ws_header(len(f)))
+            parts.append(f)
+        transport.write(b"".join(parts))
+
+    def _batches(self, frames: list[bytes]) -> list[bytes]:
+        limit = self.hub.cfg.limits.max_frame_bytes - 5  # room for the array header
+        out: list[bytes] = []
+        group: list[bytes] = []
+        size = 0
+        for f in frames:
+            if group and size + len(f) > limit:
+                out.append(batch_of(group) if len(group) > 1 else group[0])
+                group, size = [], 0
+            group.append(f)
+            size += len(f)
+        if group:
+            out.append(batch_of(group) if len(group) > 1 else group[0])
+        return out
+
+    def _write_now(self, frame: bytes) -> None:
+        self._out.append(frame)
+        self._flush()
+
+    def reply_error(self, fid: int | str | None, code: str, msg: str) -> None:
+        self.hub.metrics.frames_out["error"] += 1
+        self.push(encode_error(fid, code, msg))
+
+    def reply_ok(self, fid: int | str | None, **fields: Any) -> None:
+        if fid is not None:
+            self.hub.metrics.frames_out["ok"] += 1
+            self.push(encode_ok(fid, **fields))
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close(self, code: int, reason: str, *, bye: bytes | None = None,
+              error: bytes | None = None) -> None:
+        """End the session: optional `error`/`bye` frame, then the close frame. Queued
+        frames go out first; the socket is aborted if the peer does not finish the
+        closing handshake in time."""
+        self._close(code, reason, bye=bye, error=error)
+
+    def _close(self, code: int, reason: str, *, bye: bytes | None = None,
+               error: bytes | None = None) -> None:
+        if self.state >= CLOSING:
+            return
+        was_open = self.state != HTTP
+        self._detach()
+        self.state = CLOSING
+        if error is not None:
+            self._out.append(error)
+        if bye is not None:
+            self._out.append(bye)
+        if self._out and not self._write_paused:
+            out, self._out = self._out, []
+            self._write_frames(out)
+        self._out = []
+        if was_open:
+            try:
+                self.ws.send_close(code, reason)
+            except Exception:  # the protocol may already be closing (peer's close frame)
+                pass
+            self._write_ws()
+        if self.transport is not None:
+            self._close_timer = self.loop.call_later(CLOSE_GRACE_S, self.transport.abort)
+
+    def _slow_consumer(self) -> None:
+        self.hub.metrics.slow_consumer_disconnects += 1
+        self._out.clear()
+        # The bye cannot jump a full socket buffer; it is written when there is room.
+        self._write_paused = False
+        self._close(E.CLOSE_SLOW_CONSUMER, "slow consumer", bye=encode_bye("slow_consumer"))
+
+    def _detach(self) -> None:
+        """Leave the registry (so routing and presence stop at once) exactly once."""
+        if self.state == ACTIVE:
+            self.hub.detach(self)
+
+    # -- inbound ------------------------------------------------------------------
+
+    def _on_message(self, data: bytes) -> None:
+        state = self.state
+        if state == ACTIVE:
+            self._handle(data)
+        elif state == HELLO:
+            self._on_hello_message(data)
+        elif state == AUTH:
+            if len(self._held) >= 64:
+                self._close(E.CLOSE_POLICY, "too many frames before welcome")
+                return
+            self._held.append(data)
+
+    def _on_hello_message(self, data: bytes) -> None:
+        try:
+            frames = decode_client(data, self.hub.decode_limits)
+        except DecodeError as exc:
+            self._close(E.CLOSE_UNDECODABLE, str(exc))
+            return
+        first = frames[0] if frames else None
+        if type(first) is Hello:
+            hello = first
+        elif type(first) is FrameError and _is_hello(data):
+            self.hub.auth_refused(self, first.msg)
+            return
+        else:
+            self._close(E.CLOSE_AUTH_FAILED, "not authenticated",
+                        error=encode_error(getattr(first, "id", None), E.NOT_AUTHENTICATED,
+                                           "hello expected"))
+            return
+        if len(frames) > 1:  # a batch: the rest is handled after welcome
+            self._held.append(_rebatch(data))
+        self.state = AUTH
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self.spawn(self.hub.authenticate(self, hello))
+
+    def activate(self, auth: Authenticated, session_id: str) -> None:
+        """Called by the hub once the welcome is queued."""
+        self.node_id = auth.node_id
+        self.key = auth.key
+        self.topics_allowed = auth.topics
+        self.batch_out = auth.batch
+        self.session_id = session_id
+        self.state = ACTIVE
+        held, self._held = self._held, []
+        for data in held:
+            if self.state != ACTIVE:
+                break
+            if data[:1] == b"\x00":  # the rest of the hello's batch (see _rebatch)
+                self._handle_frames(decode_client(data[1:], self.hub.decode_limits))
+            else:
+                self._on_message(data)
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            frames = decode_client(data, self.hub.decode_limits)
+        except DecodeError as exc:
+            self._close(E.CLOSE_UNDECODABLE, str(exc))
+            return
+        self._handle_frames(frames)
+
+    def _handle_frames(self, frames: list[Any]) -> None:
+        hub = self.hub
+        frames_in = hub.metrics.frames_in
+        now = self.loop.time()
+        bucket = self._bucket
+        for f in frames:
+            if self.state != ACTIVE:
+                return
+            t = type(f)
+            if t is Ack:
+                frames_in["ack"] += 1
+                self._on_ack(f)
+                continue
+            if not bucket.take(now):
+                self._rate_refused(f, now)
+                continue
+            if t is Send:
+                frames_in["send"] += 1
+                self._on_send(f)
+            elif t is Pub:
+                frames_in["pub"] += 1
+                self._on_pub(f)
+            elif t is FrameError:
+                frames_in["invalid"] += 1
+                self.reply_error(f.id, f.code, f.msg)
+            elif t is Sub:
+                frames_in["sub"] += 1
+                self._control(lambda f=f: self._sub(f))
+            elif t is Unsub:
+                frames_in["unsub"] += 1
+                self._control(lambda f=f: self._unsub(f))
+            elif t is Presence:
+                frames_in["presence"] += 1
+                self._control(lambda f=f: self._presence(f))
+            else:  # Hello after welcome
+                frames_in["hello"] += 1
+                self.reply_error(None, E.BAD_FRAME, "already authenticated")
+
+    def _rate_refused(self, f: Any, now: float) -> None:
+        self.hub.metrics.rate_limited += 1
+        if now - self._refused_since >= 1.0:
+            self._refused_since = now
+            self._refused = 0
+        self._refused += 1
+        if self._refused > 10 * self.hub.cfg.limits.msgs_per_s:
+            self._close(E.CLOSE_POLICY, "rate limit abuse")  # §7
+            return
+        self.reply_error(getattr(f, "id", None), E.RATE_LIMITED, "rate limit exceeded")
+
+    # -- async work, bounded -------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        self._inflight += 1
+        if self._inflight >= MAX_INFLIGHT and not self._read_paused and self.transport:
+            self._read_paused = True
+            self.transport.pause_reading()
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._inflight -= 1
+        if self._read_paused and self._inflight <= RESUME_INFLIGHT and self.transport:
+            self._read_paused = False
+            if self.state < CLOSING:
+                self.transport.resume_reading()
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                log.error("session task failed", exc_info=exc,
+                          extra={"event": "session_task_failed", "node": self.node_id})
+
+    def _control(self, op: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """sub, unsub and presence run one at a time, in the order received."""
+        self._ctl.append(op)
+        if self._ctl_task is None:
+            self._ctl_task = self.spawn(self._run_control())
+
+    async def _run_control(self) -> None:
+        try:
+            while self._ctl and self.state == ACTIVE:
+                op = self._ctl.pop(0)
+                await op()
+        finally:
+            self._ctl_task = None
+            self._ctl.clear() if self.state != ACTIVE else None
+
+    # -- direct messages (§4) ---------------------------------------------------------
+
+    def _on_send(self, f: Send) -> None:
+        hub = self.hub
+        if f.ttl is not None and f.ttl > hub.cfg.store.message_ttl_s:
+            self.reply_error(f.id, E.BAD_FRAME,
+                             f"ttl: must be 1..{hub.cfg.store.message_ttl_s}")
+            return
+        if hub.cfg.auth.verify_body_sig:
+            key = self.key
+            if key is None:
+                self.reply_error(f.id, E.FORBIDDEN, "sig: this node has no key to verify")
+                return
+            if f.sig is None or not verify_signature(key, body_message(f.to, f.body), f.sig):
+                self.reply_error(f.id, E.FORBIDDEN, "sig: does not verify")
+                return
+        ts = time.time_ns() // 1_000_000
+        mid = hub.mid(ts)
+        if f.qos == 0:
+            frame = encode_msg(mid, self.node_id, f.body, ts, 0, f.sig)
+            tail = self._q1_tail
+            if tail is not None and not tail.done():
+                # §4 order: a QoS 0 message waits for earlier QoS 1 ones to this hub's
+                # store, so that all messages of one sender keep their order.
+                tail.add_done_callback(lambda _t: self._route0(f, mid, frame))
+            else:
+                self._route0(f, mid, frame)
+            return
+        self._q1_tail = self.spawn(self._send_q1(f, mid, ts))
+
+    def _route0(self, f: Send, mid: str, frame: bytes) -> None:
+        if self.state != ACTIVE:
+            return
+        hub = self.hub
+        target = hub.local.get(f.to)
+        if target is not None:
+            hub.metrics.routed["local"] += 1
+            hub.metrics.frames_out["msg"] += 1
+            target.push(frame)
+            self.reply_ok(f.id, mid=mid, status="sent")
+        elif hub.clustered:
+            self.spawn(self._route0_remote(f, mid, frame))
+        else:
+            hub.metrics.routed["dropped"] += 1
+            if f.id is not None:
+                self.reply_error(f.id, E.NO_ROUTE, "node is offline")
+
+    async def _route0_remote(self, f: Send, mid: str, frame: bytes) -> None:
+        try:
+            delivered = await self.hub.publish_to_node(f.to, frame, 0, mid)
+        except Exception:
+            if f.id is not None:
+                self.reply_error(f.id, E.UNAVAILABLE, "broker unavailable")
+            return
+        if delivered:
+            self.reply_ok(f.id, mid=mid, status="sent")
+        elif f.id is not None:
+            self.reply_error(f.id, E.NO_ROUTE, "node is offline")
+
+    async def _send_q1(self, f: Send, mid: str, ts: int) -> None:
+        hub = self.hub
+        store = hub.store
+        try:
+            if hub.allowlist:
+                rec = await store.get_node(f.to)
+                if rec is None or not rec.registered:
+                    self.reply_error(f.id, E.NO_ROUTE, "node is not registered")
+                    return
+            ttl = f.ttl if f.ttl is not None else hub.cfg.store.message_ttl_s
+            msg = StoredMessage(mid, self.node_id, f.to, f.body, ts, ts + ttl * 1000, f.sig,
+                                f.receipt)
+            t0 = time.perf_counter()
+            await store.enqueue(msg, hub.cfg.limits.max_pending_per_node)
+            hub.metrics.store_write_seconds.observe(time.perf_counter() - t0)
+        except QueueFull:
+            self.reply_error(f.id, E.QUEUE_FULL, "recipient queue is full")
+            return
+        except StoreUnavailable:
+            self.reply_error(f.id, E.UNAVAILABLE, "store unavailable")
+            return
+        self.reply_ok(f.id, mid=mid, status="stored")  # §4: stored before ok
+        frame = encode_msg(mid, self.node_id, f.body, ts, 1, f.sig)
+        await hub.deliver_q1(f.to, mid, frame)
+
+    def push_q1(self, mid: str, frame: bytes) -> None:
+        """A live QoS 1 message for this session (already stored)."""
+        backlog = self._backlog
+        if backlog is not None:
+            if len(backlog) >= self.hub.send_queue_max:
+                # Too much arrived during the replay: drop the copies; the replay reads
+                # them from the store (they are durable) before it ends.
+                backlog.clear()
+                self._backlog_overflow = True
+            elif not self._backlog_overflow:
+                backlog[mid] = frame
+            return
+        self.hub.metrics.frames_out["msg"] += 1
+        self.push(frame)
+        self.hub.store.mark_delivered_nowait([mid], time.time_ns() // 1_000_000)
+
+    async def replay_queue(self) -> None:
+        """§4: deliver stored QoS 1 messages in their original order, then switch to
+        live delivery with no gap and no duplicate."""
+        hub = self.hub
+        store = hub.store
+        self._backlog = {}
+        after: str | None = None
+        try:
+            while self.state == ACTIVE:
+                now = time.time_ns() // 1_000_000
+                page = await store.pending(self.node_id, now, after, BACKLOG_PAGE)
+                backlog = self._backlog
+                mids = []
+                for m in page:
+                    backlog.pop(m.mid, None)
+                    self.push(encode_msg(m.mid, m.sender, m.body, m.created, 1, m.sig))
+                    mids.append(m.mid)
+                hub.metrics.frames_out["msg"] += len(mids)
+                if mids:
+                    store.mark_delivered_nowait(mids, now)
+                    after = mids[-1]
+                if len(page) < BACKLOG_PAGE and not self._backlog_overflow:
+                    # Everything stored before this read was in the pages; what arrived
+                    # since is in the backlog, in commit order.
+                    rest = list(backlog.items())
+                    self._backlog = None
+                    for _mid, frame in rest:
+                        self.push(frame)
+                    if rest:
+                        store.mark_delivered_nowait([m for m, _ in rest], now)
+                    return
+                self._backlog_overflow = False
+                await self._wait_drained()
+        except StoreUnavailable:
+            # Messages stay stored; they are delivered on the next session.
+            self._backlog = None
+
+    async def _wait_drained(self) -> None:
+        """Wait until the send queue has room for another page (flow control)."""
+        while self.state == ACTIVE and len(self._out) > self.hub.send_queue_max // 2:
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+        self._drained = None
+
+    def _on_ack(self, f: Ack) -> None:
+        self.spawn(self.hub.ack(self, f.mids))
+
+    # -- topics (§5) ------------------------------------------------------------------
+
+    def _on_pub(self, f: Pub) -> None:
+        if not topic_allowed(self.topics_allowed, f.topic):
+            self.reply_error(f.id, E.FORBIDDEN, "topic not allowed by token")
+            return
+        self.spawn(self.hub.publish(self, f.id, f.topic, f.body))
+
+    def push_topic(self, topic: str, seq: int, frame: bytes) -> None:
+        rec = self.topics.get(topic)
+        if rec is None:
+            self.push(frame)
+            return
+        rec.items.append((seq, frame))
+        if len(rec.items) > self.hub.send_queue_max:
+            self._slow_consumer()
+
+    async def _sub(self, f: Sub) -> None:
+        hub = self.hub
+        topic = f.topic
+        if not topic_allowed(self.topics_allowed, topic):
+            self.reply_error(f.id, E.FORBIDDEN, "topic not allowed by token")
+            return
+        held = topic in self.topics
+        if not held and len(self.topics) >= hub.cfg.limits.max_topics:
+            self.reply_error(f.id, E.LIMIT_EXCEEDED,
+                             f"at most {hub.cfg.limits.max_topics} subscriptions")
+            return
+        rec = _Recovery()
+        self.topics[topic] = rec  # live messages are held from now on
+        if not held:
+            hub.subscribe(self, topic)
+        try:
+            entries = []
+            if f.since is not None:
+                now = time.time_ns() // 1_000_000
+                entries = await hub.store.history_since(
+                    topic, f.since, now, hub.cfg.store.topic_history_ttl_s * 1000)
+            seq = await hub.broker.last_seq(topic)
+        except Exception:
+            if not held:
+                self.topics.pop(topic, None)
+                hub.unsubscribe(self, topic)
+            else:
+                self._go_live(topic, rec, 0)
+            self.reply_error(f.id, E.UNAVAILABLE, "history unavailable")
+            return
+        if self.state != ACTIVE or self.topics.get(topic) is not rec:
+            return
+        if f.since is None:
+            self.reply_ok(f.id, seq=seq)
+            self._go_live(topic, rec, 0)
+            return
+        since = f.since
+        if entries:
+            first = entries[0].seq
+        elif rec.items:
+            first = rec.items[0][0]
+        else:
+            first = seq + 1
+        recovered = seq <= since or first <= since + 1
+        self.reply_ok(f.id, seq=seq, recovered=recovered)
+        last = since
+        for e in entries:
+            self.push(encode_topic_msg(e.mid, e.sender, topic, e.seq, e.body, e.ts))
+            last = e.seq
+        hub.metrics.frames_out["msg"] += len(entries)
+        self._go_live(topic, rec, last)
+
+    def _go_live(self, topic: str, rec: _Recovery, last: int) -> None:
+        for seq, frame in rec.items:
+            if seq > last:
+                self.push(frame)
+        self.topics[topic] = None
+
+    async def _unsub(self, f: Unsub) -> None:
+        if self.topics.pop(f.topic, 0) != 0:
+            self.hub.unsubscribe(self, f.topic)
+        self.reply_ok(f.id)
+
+    # -- presence (§6) ----------------------------------------------------------------
+
+    async def _presence(self, f: Presence) -> None:
+        try:
+            online = await self.hub.presence(f.nodes)
+        except Exception:
+            self.reply_error(f.id, E.UNAVAILABLE, "presence unavailable")
+            return
+        self.reply_ok(f.id, online=online)
+
+
+def _is_hello(data: bytes) -> bool:
+    """Whether a message that failed validation was meant as a hello (a refused hello
+    is auth_failed; any other frame before welcome is not_authenticated)."""
+    import msgpack
+
+    try:
+        v = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:
+        return False
+    if type(v) is list and v:
+        v = v[0]
+    return type(v) is dict and v.get("t") == "hello"
+
+
+def _rebatch(data: bytes) -> bytes:
+    """The frames after the hello in a batch, re-encoded, marked with a leading NUL
+    (never the first byte of a client message we keep, since those are arrays/maps)."""
+    import msgpack
+
+    frames = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return b"\x00" + msgpack.packb(frames[1:], use_bin_type=True)

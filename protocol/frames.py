@@ -1,0 +1,429 @@
+"""Frames of the OpenRed wire protocol v1 and their msgpack codec (PROTOCOL.md §1-§7).
+
+Owned here: one immutable type per client frame, `decode_client()` which turns the bytes
+of one WebSocket message into validated frames (or `FrameError` values for frames that
+are answered with `error`), and the encoders of every hub frame. Validation of shape,
+types and limits happens here once; nothing downstream re-validates.
+
+Sans-I/O: no asyncio, no sockets. The decoder never raises anything but `DecodeError`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final, NamedTuple
+
+import msgpack
+
+from protocol.errors import (
+    BAD_FRAME,
+    LIMIT_EXCEEDED,
+    TOO_LARGE,
+    UNKNOWN_TYPE,
+    DecodeError,
+    FrameError,
+)
+from protocol.identity import is_node_id
+
+__all__ = [
+    "MAX_ACK_MIDS",
+    "MAX_ID_CHARS",
+    "MAX_META_BYTES",
+    "MAX_PRESENCE_NODES",
+    "MAX_SIG_BYTES",
+    "MAX_TOPIC_CHARS",
+    "Ack",
+    "ClientFrame",
+    "DecodeLimits",
+    "Hello",
+    "Presence",
+    "Pub",
+    "Send",
+    "Sub",
+    "Unsub",
+    "batch_of",
+    "decode_client",
+    "decode_server",
+    "encode",
+    "encode_bye",
+    "encode_challenge",
+    "encode_error",
+    "encode_msg",
+    "encode_ok",
+    "encode_receipt",
+    "encode_topic_msg",
+    "encode_welcome",
+    "is_topic",
+]
+
+MAX_ID_CHARS: Final = 64
+MAX_TOPIC_CHARS: Final = 200
+MAX_META_BYTES: Final = 4096
+MAX_PRESENCE_NODES: Final = 1000
+MAX_SIG_BYTES: Final = 512  # §4: sig is passed through; bounded so it cannot grow queues
+MAX_ACK_MIDS: Final = 10_000
+_MAX_UINT64: Final = 2**64 - 1
+
+_TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
+
+
+def is_topic(value: object) -> bool:
+    """§5: 1..200 chars of [A-Za-z0-9._:/-]."""
+    return type(value) is str and _TOPIC_RE.fullmatch(value) is not None
+
+
+class DecodeLimits(NamedTuple):
+    max_body_bytes: int = 65536
+    max_presence_nodes: int = MAX_PRESENCE_NODES
+
+
+# -- client frames -------------------------------------------------------------------
+
+
+class Hello(NamedTuple):
+    key: bytes | None
+    sig: bytes | None
+    token: str | None
+    batch: bool
+    meta: dict[str, Any] | None
+    v: int | None
+
+
+class Send(NamedTuple):
+    id: int | str | None
+    to: str
+    body: bytes
+    qos: int
+    ttl: int | None
+    sig: bytes | None
+    receipt: bool
+
+
+class Ack(NamedTuple):
+    mids: list[str]
+
+
+class Sub(NamedTuple):
+    id: int | str | None
+    topic: str
+    since: int | None
+
+
+class Unsub(NamedTuple):
+    id: int | str | None
+    topic: str
+
+
+class Pub(NamedTuple):
+    id: int | str | None
+    topic: str
+    body: bytes
+
+
+class Presence(NamedTuple):
+    id: int | str | None
+    nodes: list[str]
+
+
+ClientFrame = Hello | Send | Ack | Sub | Unsub | Pub | Presence
+
+
+class _Bad(Exception):
+    """Internal: a field is missing or ill-typed; becomes a FrameError."""
+
+    def __init__(self, msg: str, code: str = BAD_FRAME) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except msgpack.ExtraData:
+        raise DecodeError("trailing bytes after the msgpack value") from None
+    except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ...
+        raise DecodeError(f"undecodable msgpack ({type(exc).__name__})") from None
+
+
+DEFAULT_LIMITS: Final = DecodeLimits()
+
+
+def decode_client(data: bytes,
+                  limits: DecodeLimits = DEFAULT_LIMITS) -> list[ClientFrame | FrameError]:
+    """Decode one WebSocket message from a node: one frame or a batch (§1).
+
+    Returns the frames in order; a frame that is wrong (but decodable) is replaced by a
+    `FrameError` to answer. Raises `DecodeError` (close 1007) when the bytes are not
+    exactly one msgpack value.
+    """
+    value = _unpack(data)
+    if type(value) is list:
+        return [_decode_one(item, limits) for item in value]
+    return [_decode_one(value, limits)]
+
+
+def _id_of(frame: dict[Any, Any]) -> int | str | None:
+    fid = frame.get("id")
+    if fid is None:
+        return None
+    t = type(fid)
+    if t is int:
+        if 0 <= fid <= _MAX_UINT64:
+            return fid  # type: ignore[no-any-return]
+    elif t is str and len(fid) <= MAX_ID_CHARS:
+        return fid  # type: ignore[no-any-return]
+    raise _Bad("id: must be a uint or a str of at most 64 chars")
+
+
+def _decode_one(frame: object, limits: DecodeLimits) -> ClientFrame | FrameError:
+    if type(frame) is not dict:
+        return FrameError(None, BAD_FRAME, "frame is not a map")
+    try:
+        fid = _id_of(frame)
+    except _Bad as bad:
+        return FrameError(None, bad.code, bad.msg)
+    t = frame.get("t")
+    if type(t) is not str:
+        return FrameError(fid, BAD_FRAME, "t: missing or not a str")
+    parser = _PARSERS.get(t)
+    if parser is None:
+        return FrameError(fid, UNKNOWN_TYPE, "unknown frame type")
+    try:
+        return parser(frame, fid, limits)
+    except _Bad as bad:
+        return FrameError(fid, bad.code, bad.msg)
+
+
+def _req_str(frame: dict[Any, Any], key: str) -> str:
+    v = frame.get(key)
+    if type(v) is not str:
+        raise _Bad(f"{key}: missing or not a str")
+    return v  # type: ignore[no-any-return]
+
+
+def _req_bin(frame: dict[Any, Any], key: str) -> bytes:
+    v = frame.get(key)
+    if type(v) is not bytes:
+        raise _Bad(f"{key}: missing or not bin")
+    return v  # type: ignore[no-any-return]
+
+
+def _opt_bin(frame: dict[Any, Any], key: str, max_len: int) -> bytes | None:
+    v = frame.get(key)
+    if v is None:
+        return None
+    if type(v) is not bytes:
+        raise _Bad(f"{key}: not bin")
+    if len(v) > max_len:
+        raise _Bad(f"{key}: longer than {max_len} bytes")
+    return v  # type: ignore[no-any-return]
+
+
+def _opt_bool(frame: dict[Any, Any], key: str) -> bool:
+    v = frame.get(key)
+    if v is None:
+        return False
+    if type(v) is not bool:
+        raise _Bad(f"{key}: not a bool")
+    return v  # type: ignore[no-any-return]
+
+
+def _opt_uint(frame: dict[Any, Any], key: str, minimum: int = 0) -> int | None:
+    v = frame.get(key)
+    if v is None:
+        return None
+    if type(v) is not int or v < minimum or v > _MAX_UINT64:
+        raise _Bad(f"{key}: not an int >= {minimum}")
+    return v  # type: ignore[no-any-return]
+
+
+def _topic(frame: dict[Any, Any]) -> str:
+    v = frame.get("topic")
+    if not is_topic(v):
+        raise _Bad("topic: missing or not 1..200 chars of [A-Za-z0-9._:/-]")
+    return v  # type: ignore[no-any-return]
+
+
+def _body(frame: dict[Any, Any], limits: DecodeLimits) -> bytes:
+    body = _req_bin(frame, "body")
+    if len(body) > limits.max_body_bytes:
+        raise _Bad(f"body: larger than {limits.max_body_bytes} bytes", TOO_LARGE)
+    return body
+
+
+def _parse_hello(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Hello:
+    key = _opt_bin(frame, "key", 32)
+    sig = _opt_bin(frame, "sig", 64)
+    token = frame.get("token")
+    if token is not None and type(token) is not str:
+        raise _Bad("token: not a str")
+    meta = frame.get("meta")
+    if meta is not None:
+        if type(meta) is not dict:
+            raise _Bad("meta: not a map")
+        if len(msgpack.packb(meta)) > MAX_META_BYTES:
+            raise _Bad("meta: larger than 4 KiB", TOO_LARGE)
+    v = _opt_uint(frame, "v")
+    return Hello(key, sig, token, _opt_bool(frame, "batch"), meta, v)
+
+
+def _parse_send(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Send:
+    to = frame.get("to")
+    if type(to) is not str or not is_node_id(to):
+        raise _Bad("to: missing or not a node id")
+    body = _req_bin(frame, "body")
+    qos = frame.get("qos", 0)
+    if qos is None:
+        qos = 0
+    elif type(qos) is not int or qos not in (0, 1):
+        raise _Bad("qos: must be 0 or 1")
+    if qos == 1 and fid is None:
+        raise _Bad("id: required for qos 1")
+    ttl = _opt_uint(frame, "ttl", 1)
+    sig = _opt_bin(frame, "sig", MAX_SIG_BYTES)
+    receipt = _opt_bool(frame, "receipt")
+    if len(body) > limits.max_body_bytes:
+        raise _Bad(f"body: larger than {limits.max_body_bytes} bytes", TOO_LARGE)
+    return Send(fid, to, body, qos, ttl, sig, receipt)
+
+
+def _parse_ack(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Ack:
+    mid = frame.get("mid")
+    mids = frame.get("mids")
+    out: list[str] = []
+    if mid is not None:
+        if type(mid) is not str:
+            raise _Bad("mid: not a str")
+        out.append(mid)
+    if mids is not None:
+        if type(mids) is not list or len(mids) > MAX_ACK_MIDS:
+            raise _Bad(f"mids: not a list of at most {MAX_ACK_MIDS} str")
+        for m in mids:
+            if type(m) is not str:
+                raise _Bad("mids: not a list of str")
+        out.extend(mids)
+    if mid is None and mids is None:
+        raise _Bad("mid: missing (mid or mids)")
+    return Ack(out)
+
+
+def _parse_sub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Sub:
+    return Sub(fid, _topic(frame), _opt_uint(frame, "since"))
+
+
+def _parse_unsub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Unsub:
+    return Unsub(fid, _topic(frame))
+
+
+def _parse_pub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Pub:
+    topic = _topic(frame)
+    return Pub(fid, topic, _body(frame, limits))
+
+
+def _parse_presence(frame: dict[Any, Any], fid: int | str | None,
+                    limits: DecodeLimits) -> Presence:
+    if fid is None:
+        raise _Bad("id: required for presence")
+    nodes = frame.get("nodes")
+    if type(nodes) is not list:
+        raise _Bad("nodes: missing or not a list")
+    if len(nodes) > limits.max_presence_nodes:
+        raise _Bad(f"nodes: more than {limits.max_presence_nodes}", LIMIT_EXCEEDED)
+    for n in nodes:
+        if type(n) is not str:
+            raise _Bad("nodes: not a list of str")
+    return Presence(fid, nodes)
+
+
+_PARSERS: Final = {
+    "hello": _parse_hello,
+    "send": _parse_send,
+    "ack": _parse_ack,
+    "sub": _parse_sub,
+    "unsub": _parse_unsub,
+    "pub": _parse_pub,
+    "presence": _parse_presence,
+}
+
+# -- hub frames ----------------------------------------------------------------------
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    """Encode one frame (a map with str keys) as msgpack."""
+    return _packb(frame)
+
+
+def encode_challenge(hub_id: str, nonce: bytes) -> bytes:
+    return _packb({"t": "challenge", "v": 1, "hub": hub_id, "nonce": nonce})
+
+
+def encode_welcome(node: str, session: str, hb: int, pending: int,
+                   limits: dict[str, int]) -> bytes:
+    return _packb({"t": "welcome", "node": node, "session": session, "hb": hb,
+                   "pending": pending, "limits": limits})
+
+
+def encode_ok(fid: int | str, **fields: Any) -> bytes:
+    frame: dict[str, Any] = {"t": "ok", "id": fid}
+    frame.update(fields)
+    return _packb(frame)
+
+
+def encode_error(fid: int | str | None, code: str, msg: str) -> bytes:
+    return _packb({"t": "error", "id": fid, "code": code, "msg": msg})
+
+
+def encode_msg(mid: str, sender: str, body: bytes, ts: int, qos: int,
+               sig: bytes | None = None) -> bytes:
+    frame: dict[str, Any] = {"t": "msg", "mid": mid, "from": sender, "body": body,
+                             "ts": ts, "qos": qos}
+    if sig is not None:
+        frame["sig"] = sig
+    return _packb(frame)
+
+
+def encode_topic_msg(mid: str, sender: str, topic: str, seq: int, body: bytes,
+                     ts: int) -> bytes:
+    return _packb({"t": "msg", "mid": mid, "from": sender, "topic": topic, "seq": seq,
+                   "body": body, "ts": ts, "qos": 0})
+
+
+def encode_receipt(mid: str, to: str, ts: int) -> bytes:
+    return _packb({"t": "receipt", "mid": mid, "to": to, "ts": ts})
+
+
+def encode_bye(reason: str, retry_ms: int | None = None) -> bytes:
+    frame: dict[str, Any] = {"t": "bye", "reason": reason}
+    if retry_ms is not None:
+        frame["retry_ms"] = retry_ms
+    return _packb(frame)
+
+
+def batch_of(encoded: list[bytes]) -> bytes:
+    """Join already-encoded frames into one msgpack array (§1 batch) without
+    re-encoding them: an array header followed by the frames' bytes."""
+    n = len(encoded)
+    if n < 16:
+        header = bytes((0x90 | n,))
+    elif n < 0x10000:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    return header + b"".join(encoded)
+
+
+def decode_server(data: bytes) -> list[dict[str, Any]]:
+    """Decode one WebSocket message from the hub (client side): one frame or a batch.
+
+    Raises `DecodeError` for bytes that are not one msgpack value, or frames that are
+    not maps with a str `t`.
+    """
+    value = _unpack(data)
+    frames = value if type(value) is list else [value]
+    for f in frames:
+        if type(f) is not dict or type(f.get("t")) is not str:
+            raise DecodeError("hub frame is not a map with a str t")
+    return frames
