@@ -131,11 +131,7 @@ class HubNode:
                     s.close(E.CLOSE_IDLE, "idle timeout")
                 elif now - s.last_ping >= hb:
                     s.last_ping = now
-                    try:
-                        s.ws.send_ping(b"")
-                        s._write_ws()
-                    except Exception:
-                        pass
+                    s.send_ping()
             if tick % 60 == 0:
                 try:
                     await self.store.purge_expired(_now_ms())

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from websockets.frames import Opcode
+from websockets.speedups import apply_mask
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
@@ -129,6 +131,13 @@ class Session(asyncio.Protocol):
         self._backlog: dict[str, bytes] | None = None  # QoS 1 held while the queue replays
         self._backlog_overflow = False
         self._flushes = 0
+        # After the upgrade, frames are parsed here rather than by the protocol object
+        # (PERF-NOTES: websockets' generator-based Frame.parse is the largest cost of a
+        # relay). permessage-deflate sessions keep the protocol object's parser.
+        self._fast = hub.ws_extensions is None
+        self._rbuf = bytearray()
+        self._frag_size = 0
+        self._close_sent = False
 
     # -- transport callbacks ----------------------------------------------------------
 
@@ -139,20 +148,30 @@ class Session(asyncio.Protocol):
         if peer:
             self.ip = str(peer[0])
         transport.set_write_buffer_limits(high=256 * 1024)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:  # small frames must not wait for the peer's delayed ACK (Nagle)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         self.hub.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
+        if self._fast and self.state != HTTP:
+            self._read_frames(data)
+            return
         ws = self.ws
         ws.receive_data(data)
-        self.last_rx = self.loop.time()
         events = ws.events_received()
         if events:
             self._events(events)
         self._write_ws()
 
     def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self._write_ws()
+        if not (self._fast and self.state != HTTP):
+            self.ws.receive_eof()
+            self._write_ws()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -236,6 +255,11 @@ class Session(asyncio.Protocol):
         self.state = HELLO
         self._handshake = hub.new_handshake()
         self._write_ws()
+        if self._fast:
+            # Bytes that followed the request in the same read are frames: take them.
+            reader_buf = ws.reader.buffer
+            self._rbuf = bytearray(reader_buf)
+            reader_buf.clear()
         self._write_now(self._handshake.challenge())
         self.challenge_at = self.loop.time()
         self._hello_timer = self.loop.call_later(hub.cfg.auth.hello_timeout_s,
@@ -345,13 +369,136 @@ class Session(asyncio.Protocol):
             self._write_frames(out)
         self._out = []
         if was_open:
+            self._send_close(code, reason)
+        if self.transport is not None:
+            self._close_timer = self.loop.call_later(CLOSE_GRACE_S, self.transport.abort)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        if not self._fast:
             try:
                 self.ws.send_close(code, reason)
             except Exception:  # the protocol may already be closing (peer's close frame)
                 pass
             self._write_ws()
+            return
+        payload = code.to_bytes(2, "big") + reason.encode()[:123]
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(bytes((0x88, len(payload))) + payload)
+
+    def send_ping(self) -> None:
+        if self._fast:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"\x89\x00")
+            return
+        try:
+            self.ws.send_ping(b"")
+        except Exception:
+            return
+        self._write_ws()
+
+    def _read_frames(self, data: bytes) -> None:
+        """RFC 6455 §5.2 framing of client messages (masked), after the upgrade."""
+        buf = self._rbuf
+        if buf:
+            buf += data
+        else:
+            buf = bytearray(data)
+        n = len(buf)
+        pos = 0
+        max_size = self.hub.cfg.limits.max_frame_bytes
+        while n - pos >= 2 and self.state < CLOSED:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if b0 & 0x70:
+                self._fail(1002, "reserved bits set")
+                return
+            if not b1 & 0x80:
+                self._fail(1002, "unmasked client frame")
+                return
+            length = b1 & 0x7F
+            if length < 126:
+                head = 6
+            elif length == 126:
+                if n - pos < 4:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = 8
+            else:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                head = 14
+            op = b0 & 0x0F
+            if op >= 8:
+                if length > 125 or not b0 & 0x80:
+                    self._fail(1002, "bad control frame")
+                    return
+            elif length + self._frag_size > max_size:
+                self._fail(E.CLOSE_TOO_BIG, "message too big")  # §1: 1009
+                return
+            end = pos + head + length
+            if end > n:
+                break
+            mask = bytes(buf[pos + head - 4:pos + head])
+            payload = apply_mask(buf[pos + head:end], mask) if length else b""
+            pos = end
+            if op == 2:
+                if self._frag is not None:
+                    self._fail(1002, "expected a continuation frame")
+                    return
+                if b0 & 0x80:
+                    if self.state < CLOSING:
+                        self._on_message(payload)
+                else:
+                    self._frag = [payload]
+                    self._frag_size = length
+            elif op == 0:
+                if self._frag is None:
+                    self._fail(1002, "unexpected continuation frame")
+                    return
+                self._frag.append(payload)
+                self._frag_size += length
+                if b0 & 0x80:
+                    message = b"".join(self._frag)
+                    self._frag = None
+                    self._frag_size = 0
+                    if self.state < CLOSING:
+                        self._on_message(message)
+            elif op == 1:
+                self._close(E.CLOSE_UNSUPPORTED_DATA, "text message")  # §1
+            elif op == 9:  # ping: pong with the same data
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(bytes((0x8A, length)) + payload)
+            elif op == 8:
+                self._on_close_frame(payload)
+                return
+            elif op != 10:
+                self._fail(1002, "unknown opcode")
+                return
+        if pos:
+            del buf[:pos]
+        self._rbuf = buf
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        """The peer's close: answer it (echoing its code) unless we started the close,
+        then end the TCP connection (RFC 6455 §5.5.1, §7.1.1)."""
+        if not self._close_sent:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+            self._detach()
+            self.state = CLOSING
+            self._send_close(code if code >= 1000 else 1000, "")
+        self._rbuf = bytearray()
         if self.transport is not None:
-            self._close_timer = self.loop.call_later(CLOSE_GRACE_S, self.transport.abort)
+            self.transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._close(code, reason)
+        self._rbuf = bytearray()
+        if self.transport is not None:
+            self.transport.close()
 
     def _slow_consumer(self) -> None:
         self.hub.metrics.slow_consumer_disconnects += 1
@@ -541,12 +688,23 @@ class Session(asyncio.Protocol):
             tail = self._q1_tail
             if tail is not None and not tail.done():
                 # §4 order: a QoS 0 message waits for earlier QoS 1 ones to this hub's
-                # store, so that all messages of one sender keep their order.
-                tail.add_done_callback(lambda _t: self._route0(f, mid, frame))
+                # store, so that all messages of one sender keep their order. The chain
+                # link is done only once this message is routed (a later QoS 1 waits).
+                done: asyncio.Future[None] = self.loop.create_future()
+
+                def route(_t: Any, f: Send = f, mid: str = mid, frame: bytes = frame,
+                          done: asyncio.Future[None] = done) -> None:
+                    try:
+                        self._route0(f, mid, frame)
+                    finally:
+                        done.set_result(None)
+
+                tail.add_done_callback(route)
+                self._q1_tail = done
             else:
                 self._route0(f, mid, frame)
             return
-        self._q1_tail = self.spawn(self._send_q1(f, mid, ts))
+        self._q1_tail = self.spawn(self._send_q1(f, mid, ts, self._q1_tail))
 
     def _route0(self, f: Send, mid: str, frame: bytes) -> None:
         if self.state != ACTIVE:
@@ -577,7 +735,8 @@ class Session(asyncio.Protocol):
         elif f.id is not None:
             self.reply_error(f.id, E.NO_ROUTE, "node is offline")
 
-    async def _send_q1(self, f: Send, mid: str, ts: int) -> None:
+    async def _send_q1(self, f: Send, mid: str, ts: int,
+                       prev: asyncio.Future[Any] | None = None) -> None:
         hub = self.hub
         store = hub.store
         try:
@@ -600,6 +759,8 @@ class Session(asyncio.Protocol):
             return
         self.reply_ok(f.id, mid=mid, status="stored")  # §4: stored before ok
         frame = encode_msg(mid, self.node_id, f.body, ts, 1, f.sig)
+        if prev is not None and not prev.done():
+            await asyncio.wait((prev,))  # §4 order: this sender's earlier messages first
         await hub.deliver_q1(f.to, mid, frame)
 
     def push_q1(self, mid: str, frame: bytes) -> None:
