@@ -108,10 +108,20 @@ class MemoryBroker:
             self._seq[topic] = seq = seeded
         return seq
 
-    def forget(self, topic: str) -> None:
-        """Drop a cached sequence (it is re-seeded from the store on next use): keeps the
-        table bounded by the topics in use, not every topic ever published."""
-        self._seq.pop(topic, None)
+    async def trim(self, max_topics: int) -> int:
+        """Keep the sequence table bounded: past `max_topics` entries, drop the oldest
+        ones whose value the store already holds (so re-seeding them later can never
+        reuse a sequence). Returns how many were dropped."""
+        if len(self._seq) <= max_topics or self._seed is None:
+            return 0
+        dropped = 0
+        for topic in list(self._seq)[: len(self._seq) - max_topics]:
+            cached = self._seq.get(topic)
+            if cached is not None and await self._seed(topic) >= cached:
+                if self._seq.get(topic) == cached:
+                    del self._seq[topic]
+                    dropped += 1
+        return dropped
 
     def __len__(self) -> int:
         return len(self._seq)

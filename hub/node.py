@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from hub.broker import Broker
+from hub.broker import Broker, MemoryBroker
 from hub.config import Config, effective_limits
 from hub.metrics import Metrics
 from hub.ratelimit import IpLimiter
@@ -39,6 +39,7 @@ __all__ = ["ADMIN_SENDER", "HubNode"]
 
 log = logging.getLogger("openred.hub")
 
+MEMORY_SEQ_TOPICS = 100_000  # topic sequences cached by the memory broker
 ADMIN_SENDER = "$admin"  # §4: outside the node id alphabet, so no node can claim it
 
 
@@ -74,6 +75,7 @@ class HubNode:
         self.local: dict[str, Session] = {}
         self.topics: dict[str, set[Session]] = {}
         self.accepting = True
+        self._all_closed: asyncio.Event | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
 
@@ -81,6 +83,11 @@ class HubNode:
 
     def new_session(self) -> Session:
         return Session(self)
+
+    def connection_closed(self, session: Session) -> None:
+        self.connections.discard(session)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
 
     def new_handshake(self) -> ServerHandshake:
         return ServerHandshake(self.cfg.server.hub_id, self.verifier)
@@ -101,15 +108,22 @@ class HubNode:
             self._housekeeping.cancel()
         retry_ms = 1000 + int.from_bytes(os.urandom(2), "big") % 4000
         bye = encode_bye("shutdown", retry_ms)
+        # Stop reading first, so that what was accepted gets its `ok` before the bye.
         inflight = []
         for s in list(self.connections):
+            if s.transport is not None:
+                s.transport.pause_reading()
             inflight.extend(t for t in s._tasks if not t.done())
-            s.close(E.CLOSE_RESTART, "restart", bye=bye)
         if inflight:
             await asyncio.wait(inflight, timeout=grace_s)
-        deadline = self.loop.time() + min(grace_s, 2.0)
-        while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        for s in list(self.connections):
+            s.close(E.CLOSE_RESTART, "restart", bye=bye)
+        if self.connections:
+            self._all_closed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), min(grace_s, 2.0))
+            except TimeoutError:
+                pass
         for s in list(self.connections):
             if s.transport is not None:
                 s.transport.abort()
@@ -135,8 +149,12 @@ class HubNode:
             if tick % 60 == 0:
                 try:
                     await self.store.purge_expired(_now_ms())
+                    if isinstance(self.broker, MemoryBroker):
+                        await self.broker.trim(MEMORY_SEQ_TOPICS)
                 except StoreUnavailable:
                     pass
+                except Exception:  # housekeeping must outlive any one failure
+                    log.exception("housekeeping failed", extra={"event": "housekeeping_failed"})
 
     # -- handshake (§2) -------------------------------------------------------------
 
@@ -251,11 +269,15 @@ class HubNode:
         elif self.clustered:
             self.background(self.broker.publish_to_node(node_id, frame, 0, ""))
 
-    async def ack(self, session: Session, mids: list[str]) -> None:
+    async def ack(self, session: Session, mids: list[str], fid: int | str | None) -> None:
         try:
             acked = await self.store.ack(session.node_id, mids, _now_ms())
         except StoreUnavailable:
-            return  # not acked: redelivered on the next session (at least once)
+            # Not acked: redelivered on the next session (at least once).
+            if fid is not None:
+                session.reply_error(fid, E.UNAVAILABLE, "store unavailable")
+            return
+        session.reply_ok(fid)
         now = _now_ms()
         for a in acked:
             if a.receipt:
@@ -351,7 +373,8 @@ class HubNode:
         if not subs:
             return
         n = 0
-        for s in subs:
+        # A copy: push_topic may drop a slow consumer, which leaves `subs` (§7).
+        for s in tuple(subs):
             if s is not exclude:
                 s.push_topic(topic, seq, frame)
                 n += 1

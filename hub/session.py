@@ -18,13 +18,14 @@ import asyncio
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from websockets.frames import Opcode
-from websockets.speedups import apply_mask
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
+from websockets.speedups import apply_mask
 
 from hub.ratelimit import TokenBucket
 from persistence.store import QueueFull, StoredMessage, StoreUnavailable
@@ -116,7 +117,6 @@ class Session(asyncio.Protocol):
         self._read_paused = False
         self._drained: asyncio.Event | None = None
         self._frag: list[bytes] | None = None
-        self._held: list[bytes] = []  # messages received while the hello is checked
         self._handshake: Any = None
         self._hello_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -126,7 +126,7 @@ class Session(asyncio.Protocol):
         self._inflight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._q1_tail: asyncio.Future[Any] | None = None
-        self._ctl: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._ctl: deque[Callable[[], Coroutine[Any, Any, None]]] = deque()
         self._ctl_task: asyncio.Task[None] | None = None
         self._backlog: dict[str, bytes] | None = None  # QoS 1 held while the queue replays
         self._backlog_overflow = False
@@ -177,7 +177,7 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._detach()
         self.state = CLOSED
-        self.hub.connections.discard(self)
+        self.hub.connection_closed(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         if self._close_timer is not None:
@@ -521,10 +521,14 @@ class Session(asyncio.Protocol):
         elif state == HELLO:
             self._on_hello_message(data)
         elif state == AUTH:
-            if len(self._held) >= 64:
-                self._close(E.CLOSE_POLICY, "too many frames before welcome")
-                return
-            self._held.append(data)
+            self._not_authenticated(None)
+
+    def _not_authenticated(self, fid: int | str | None) -> None:
+        """§2: any frame but hello before welcome (also one sent after the hello while
+        it is being checked) is refused with not_authenticated and close 4001."""
+        self.hub.metrics.handshakes["not_authenticated"] += 1
+        self._close(E.CLOSE_AUTH_FAILED, "not authenticated",
+                    error=encode_error(fid, E.NOT_AUTHENTICATED, "hello expected"))
 
     def _on_hello_message(self, data: bytes) -> None:
         try:
@@ -539,12 +543,11 @@ class Session(asyncio.Protocol):
             self.hub.auth_refused(self, first.msg)
             return
         else:
-            self._close(E.CLOSE_AUTH_FAILED, "not authenticated",
-                        error=encode_error(getattr(first, "id", None), E.NOT_AUTHENTICATED,
-                                           "hello expected"))
+            self._not_authenticated(getattr(first, "id", None))
             return
-        if len(frames) > 1:  # a batch: the rest is handled after welcome
-            self._held.append(_rebatch(data))
+        if len(frames) > 1:  # a batch [hello, ...]: the rest would come before welcome
+            self._not_authenticated(getattr(frames[1], "id", None))
+            return
         self.state = AUTH
         if self._hello_timer is not None:
             self._hello_timer.cancel()
@@ -559,14 +562,6 @@ class Session(asyncio.Protocol):
         self.batch_out = auth.batch
         self.session_id = session_id
         self.state = ACTIVE
-        held, self._held = self._held, []
-        for data in held:
-            if self.state != ACTIVE:
-                break
-            if data[:1] == b"\x00":  # the rest of the hello's batch (see _rebatch)
-                self._handle_frames(decode_client(data[1:], self.hub.decode_limits))
-            else:
-                self._on_message(data)
 
     def _handle(self, data: bytes) -> None:
         try:
@@ -612,7 +607,7 @@ class Session(asyncio.Protocol):
                 self._control(lambda f=f: self._presence(f))
             else:  # Hello after welcome
                 frames_in["hello"] += 1
-                self.reply_error(None, E.BAD_FRAME, "already authenticated")
+                self.reply_error(f.id, E.BAD_FRAME, "already authenticated")
 
     def _rate_refused(self, f: Any, now: float) -> None:
         self.hub.metrics.rate_limited += 1
@@ -630,20 +625,28 @@ class Session(asyncio.Protocol):
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
+        self._work_added()
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _work_added(self) -> None:
+        """Count one async operation (task or queued control frame); past MAX_INFLIGHT
+        the socket stops being read, so a client cannot grow them without bound."""
         self._inflight += 1
         if self._inflight >= MAX_INFLIGHT and not self._read_paused and self.transport:
             self._read_paused = True
             self.transport.pause_reading()
-        task.add_done_callback(self._task_done)
-        return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+    def _work_done(self) -> None:
         self._inflight -= 1
         if self._read_paused and self._inflight <= RESUME_INFLIGHT and self.transport:
             self._read_paused = False
             if self.state < CLOSING:
                 self.transport.resume_reading()
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._work_done()
         if not task.cancelled():
             exc = task.exception()
             if exc is not None:
@@ -653,17 +656,20 @@ class Session(asyncio.Protocol):
     def _control(self, op: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """sub, unsub and presence run one at a time, in the order received."""
         self._ctl.append(op)
+        self._work_added()
         if self._ctl_task is None:
             self._ctl_task = self.spawn(self._run_control())
 
     async def _run_control(self) -> None:
         try:
             while self._ctl and self.state == ACTIVE:
-                op = self._ctl.pop(0)
-                await op()
+                op = self._ctl.popleft()
+                try:
+                    await op()
+                finally:
+                    self._work_done()
         finally:
             self._ctl_task = None
-            self._ctl.clear() if self.state != ACTIVE else None
 
     # -- direct messages (§4) ---------------------------------------------------------
 
@@ -824,7 +830,7 @@ class Session(asyncio.Protocol):
         self._drained = None
 
     def _on_ack(self, f: Ack) -> None:
-        self.spawn(self.hub.ack(self, f.mids))
+        self.spawn(self.hub.ack(self, f.mids, f.id))
 
     # -- topics (§5) ------------------------------------------------------------------
 
@@ -889,9 +895,11 @@ class Session(asyncio.Protocol):
         recovered = seq <= since or first <= since + 1
         self.reply_ok(f.id, seq=seq, recovered=recovered)
         last = since
+        me = self.node_id
         for e in entries:
-            self.push(encode_topic_msg(e.mid, e.sender, topic, e.seq, e.body, e.ts))
             last = e.seq
+            if e.sender != me:  # §5: a publisher never receives its own publication
+                self.push(encode_topic_msg(e.mid, e.sender, topic, e.seq, e.body, e.ts))
         hub.metrics.frames_out["msg"] += len(entries)
         self._go_live(topic, rec, last)
 
@@ -930,11 +938,3 @@ def _is_hello(data: bytes) -> bool:
         v = v[0]
     return type(v) is dict and v.get("t") == "hello"
 
-
-def _rebatch(data: bytes) -> bytes:
-    """The frames after the hello in a batch, re-encoded, marked with a leading NUL
-    (never the first byte of a client message we keep, since those are arrays/maps)."""
-    import msgpack
-
-    frames = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return b"\x00" + msgpack.packb(frames[1:], use_bin_type=True)

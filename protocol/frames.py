@@ -87,6 +87,7 @@ class Hello(NamedTuple):
     batch: bool
     meta: dict[str, Any] | None
     v: int | None
+    id: int | str | None = None
 
 
 class Send(NamedTuple):
@@ -101,6 +102,7 @@ class Send(NamedTuple):
 
 class Ack(NamedTuple):
     mids: list[str]
+    id: int | str | None = None
 
 
 class Sub(NamedTuple):
@@ -265,27 +267,52 @@ def _parse_hello(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLim
         if len(msgpack.packb(meta)) > MAX_META_BYTES:
             raise _Bad("meta: larger than 4 KiB", TOO_LARGE)
     v = _opt_uint(frame, "v")
-    return Hello(key, sig, token, _opt_bool(frame, "batch"), meta, v)
+    return Hello(key, sig, token, _opt_bool(frame, "batch"), meta, v, fid)
+
+
+# Node ids seen valid recently: a set look-up instead of a regex match per `send`
+# (the hot path). Bounded: cleared when full.
+_known_ids: set[str] = set()
+_KNOWN_IDS_MAX: Final = 8192
+_new = tuple.__new__  # NamedTuple's own __new__ is a Python-level call
+
+
+def _valid_to(to: object) -> bool:
+    if type(to) is not str:
+        return False
+    if to in _known_ids:
+        return True
+    if not is_node_id(to):
+        return False
+    if len(_known_ids) >= _KNOWN_IDS_MAX:
+        _known_ids.clear()
+    _known_ids.add(to)
+    return True
 
 
 def _parse_send(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Send:
-    to = frame.get("to")
-    if type(to) is not str or not is_node_id(to):
+    get = frame.get
+    to = get("to")
+    if not _valid_to(to):
         raise _Bad("to: missing or not a node id")
-    body = _req_bin(frame, "body")
-    qos = frame.get("qos", 0)
+    body = get("body")
+    if type(body) is not bytes:
+        raise _Bad("body: missing or not bin")
+    qos = get("qos")
     if qos is None:
         qos = 0
-    elif type(qos) is not int or qos not in (0, 1):
+    elif type(qos) is int and qos == 0:
+        pass
+    elif type(qos) is not int or qos != 1:
         raise _Bad("qos: must be 0 or 1")
-    if qos == 1 and fid is None:
+    elif fid is None:
         raise _Bad("id: required for qos 1")
-    ttl = _opt_uint(frame, "ttl", 1)
-    sig = _opt_bin(frame, "sig", MAX_SIG_BYTES)
-    receipt = _opt_bool(frame, "receipt")
+    ttl = None if get("ttl") is None else _opt_uint(frame, "ttl", 1)
+    sig = None if get("sig") is None else _opt_bin(frame, "sig", MAX_SIG_BYTES)
+    receipt = False if get("receipt") is None else _opt_bool(frame, "receipt")
     if len(body) > limits.max_body_bytes:
         raise _Bad(f"body: larger than {limits.max_body_bytes} bytes", TOO_LARGE)
-    return Send(fid, to, body, qos, ttl, sig, receipt)
+    return _new(Send, (fid, to, body, qos, ttl, sig, receipt))  # type: ignore[no-any-return]
 
 
 def _parse_ack(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Ack:
@@ -305,7 +332,7 @@ def _parse_ack(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimit
         out.extend(mids)
     if mid is None and mids is None:
         raise _Bad("mid: missing (mid or mids)")
-    return Ack(out)
+    return Ack(out, fid)
 
 
 def _parse_sub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Sub:
@@ -318,7 +345,7 @@ def _parse_unsub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLim
 
 def _parse_pub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Pub:
     topic = _topic(frame)
-    return Pub(fid, topic, _body(frame, limits))
+    return _new(Pub, (fid, topic, _body(frame, limits)))  # type: ignore[no-any-return]
 
 
 def _parse_presence(frame: dict[Any, Any], fid: int | str | None,
