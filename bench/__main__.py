@@ -113,7 +113,7 @@ async def direct(host: str, port: int, pairs: int, window: int, body_bytes: int,
         "scenario": "direct", "pairs": pairs, "window": window, "body_bytes": body_bytes,
         "seconds": round(elapsed, 2), "msgs_per_s": round((n1 - n0) / elapsed),
         "generator_cpu": round(gen_cpu, 3),
-        "hub_cpu": round((hub1 - hub0) / elapsed, 3) if hub0 is not None else None,
+        "hub_cpu": round((hub1 - hub0) / elapsed, 3) if hub0 is not None and hub1 is not None else None,
     }
 
 

@@ -152,7 +152,7 @@ def open_broker(url: str, seed: Callable[[str], Awaitable[int]] | None = None) -
     if url.startswith("memory:"):
         return MemoryBroker(seed)
     if url.startswith(("redis://", "rediss://")):
-        from hub.broker_redis import RedisBroker  # type: ignore[import-not-found]
+        from hub.broker_redis import RedisBroker
 
         broker: Broker = RedisBroker(url)
         return broker

@@ -76,6 +76,7 @@ class HubNode:
         self.topics: dict[str, set[Session]] = {}
         self.accepting = True
         self._all_closed: asyncio.Event | None = None
+        self._route_n = 0
         self._housekeeping: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
 
@@ -109,7 +110,7 @@ class HubNode:
         retry_ms = 1000 + int.from_bytes(os.urandom(2), "big") % 4000
         bye = encode_bye("shutdown", retry_ms)
         # Stop reading first, so that what was accepted gets its `ok` before the bye.
-        inflight = []
+        inflight: list[asyncio.Task[Any]] = []
         for s in list(self.connections):
             if s.transport is not None:
                 s.transport.pause_reading()
@@ -118,6 +119,8 @@ class HubNode:
             await asyncio.wait(inflight, timeout=grace_s)
         for s in list(self.connections):
             s.close(E.CLOSE_RESTART, "restart", bye=bye)
+            if s.transport is not None:
+                s.transport.resume_reading()  # to read the peer's close frame (§7)
         if self.connections:
             self._all_closed = asyncio.Event()
             try:
@@ -368,10 +371,22 @@ class HubNode:
             session.reply_ok(fid, mid=mid, seq=seq)
         return mid, seq
 
+    def sample_route(self, rx_time: float) -> None:
+        """route_seconds: one message in 256 is timed from its read to the write of
+        this loop iteration (the flush is scheduled before this callback)."""
+        self._route_n += 1
+        if not self._route_n & 255:
+            self.loop.call_soon(self._observe_route, rx_time)
+
+    def _observe_route(self, rx_time: float) -> None:
+        self.metrics.route_seconds.observe(self.loop.time() - rx_time)
+
     def fanout(self, topic: str, seq: int, frame: bytes, exclude: Session | None) -> None:
         subs = self.topics.get(topic)
         if not subs:
             return
+        if exclude is not None:
+            self.sample_route(exclude.rx_time)
         n = 0
         # A copy: push_topic may drop a slow consumer, which leaves `subs` (§7).
         for s in tuple(subs):

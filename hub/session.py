@@ -20,7 +20,8 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 from websockets.frames import Opcode
 from websockets.http11 import Request
@@ -110,6 +111,7 @@ class Session(asyncio.Protocol):
         self.topics: dict[str, _Recovery | None] = {}
         self.last_rx = self.loop.time()
         self.last_ping = self.last_rx
+        self.rx_time = self.last_rx  # when the frames being handled were read
         self.challenge_at = 0.0
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -143,11 +145,12 @@ class Session(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        peer = t.get_extra_info("peername")
         if peer:
             self.ip = str(peer[0])
-        transport.set_write_buffer_limits(high=256 * 1024)
+        t.set_write_buffer_limits(high=256 * 1024)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:  # small frames must not wait for the peer's delayed ACK (Nagle)
@@ -278,7 +281,9 @@ class Session(asyncio.Protocol):
         iteration. Never blocks; a full queue closes the session as a slow consumer."""
         out = self._out
         out.append(frame)
-        if len(out) > self.hub.send_queue_max:
+        if len(out) > self.hub.send_queue_max and self._write_paused:
+            # §7: only a socket that does not drain makes a slow consumer; what one loop
+            # iteration queues for a writable socket is written at its end.
             if self.state == ACTIVE:
                 self._slow_consumer()
             return
@@ -521,7 +526,12 @@ class Session(asyncio.Protocol):
         elif state == HELLO:
             self._on_hello_message(data)
         elif state == AUTH:
-            self._not_authenticated(None)
+            try:  # §1: undecodable is 1007 here too; §3: the refusal carries the id
+                frames = decode_client(data, self.hub.decode_limits)
+            except DecodeError as exc:
+                self._close(E.CLOSE_UNDECODABLE, str(exc))
+                return
+            self._not_authenticated(getattr(frames[0], "id", None) if frames else None)
 
     def _not_authenticated(self, fid: int | str | None) -> None:
         """§2: any frame but hello before welcome (also one sent after the hello while
@@ -575,6 +585,7 @@ class Session(asyncio.Protocol):
         hub = self.hub
         frames_in = hub.metrics.frames_in
         now = self.loop.time()
+        self.rx_time = now
         bucket = self._bucket
         for f in frames:
             if self.state != ACTIVE:
@@ -598,13 +609,13 @@ class Session(asyncio.Protocol):
                 self.reply_error(f.id, f.code, f.msg)
             elif t is Sub:
                 frames_in["sub"] += 1
-                self._control(lambda f=f: self._sub(f))
+                self._control(partial(self._sub, f))
             elif t is Unsub:
                 frames_in["unsub"] += 1
-                self._control(lambda f=f: self._unsub(f))
+                self._control(partial(self._unsub, f))
             elif t is Presence:
                 frames_in["presence"] += 1
-                self._control(lambda f=f: self._presence(f))
+                self._control(partial(self._presence, f))
             else:  # Hello after welcome
                 frames_in["hello"] += 1
                 self.reply_error(f.id, E.BAD_FRAME, "already authenticated")
@@ -721,6 +732,7 @@ class Session(asyncio.Protocol):
             hub.metrics.routed["local"] += 1
             hub.metrics.frames_out["msg"] += 1
             target.push(frame)
+            hub.sample_route(self.rx_time)
             self.reply_ok(f.id, mid=mid, status="sent")
         elif hub.clustered:
             self.spawn(self._route0_remote(f, mid, frame))
@@ -792,10 +804,14 @@ class Session(asyncio.Protocol):
         store = hub.store
         self._backlog = {}
         after: str | None = None
+        # §7: a page never fills the send queue by itself (a backlog larger than
+        # send_queue_max is flow controlled, not taken for a slow consumer).
+        page_size = max(1, min(BACKLOG_PAGE, hub.send_queue_max // 2))
         try:
             while self.state == ACTIVE:
+                await self._wait_drained()
                 now = time.time_ns() // 1_000_000
-                page = await store.pending(self.node_id, now, after, BACKLOG_PAGE)
+                page = await store.pending(self.node_id, now, after, page_size)
                 backlog = self._backlog
                 mids = []
                 for m in page:
@@ -806,7 +822,8 @@ class Session(asyncio.Protocol):
                 if mids:
                     store.mark_delivered_nowait(mids, now)
                     after = mids[-1]
-                if len(page) < BACKLOG_PAGE and not self._backlog_overflow:
+                if (len(page) < page_size and not self._backlog_overflow
+                        and len(self._out) + len(backlog) <= hub.send_queue_max):
                     # Everything stored before this read was in the pages; what arrived
                     # since is in the backlog, in commit order.
                     rest = list(backlog.items())
@@ -817,7 +834,6 @@ class Session(asyncio.Protocol):
                         store.mark_delivered_nowait([m for m, _ in rest], now)
                     return
                 self._backlog_overflow = False
-                await self._wait_drained()
         except StoreUnavailable:
             # Messages stay stored; they are delivered on the next session.
             self._backlog = None

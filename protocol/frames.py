@@ -11,7 +11,8 @@ Sans-I/O: no asyncio, no sockets. The decoder never raises anything but `DecodeE
 from __future__ import annotations
 
 import re
-from typing import Any, Final, NamedTuple
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple, cast
 
 import msgpack
 
@@ -172,9 +173,9 @@ def _id_of(frame: dict[Any, Any]) -> int | str | None:
     t = type(fid)
     if t is int:
         if 0 <= fid <= _MAX_UINT64:
-            return fid  # type: ignore[no-any-return]
+            return cast(int, fid)
     elif t is str and len(fid) <= MAX_ID_CHARS:
-        return fid  # type: ignore[no-any-return]
+        return cast(str, fid)
     raise _Bad("id: must be a uint or a str of at most 64 chars")
 
 
@@ -201,14 +202,14 @@ def _req_str(frame: dict[Any, Any], key: str) -> str:
     v = frame.get(key)
     if type(v) is not str:
         raise _Bad(f"{key}: missing or not a str")
-    return v  # type: ignore[no-any-return]
+    return v
 
 
 def _req_bin(frame: dict[Any, Any], key: str) -> bytes:
     v = frame.get(key)
     if type(v) is not bytes:
         raise _Bad(f"{key}: missing or not bin")
-    return v  # type: ignore[no-any-return]
+    return v
 
 
 def _opt_bin(frame: dict[Any, Any], key: str, max_len: int) -> bytes | None:
@@ -219,7 +220,7 @@ def _opt_bin(frame: dict[Any, Any], key: str, max_len: int) -> bytes | None:
         raise _Bad(f"{key}: not bin")
     if len(v) > max_len:
         raise _Bad(f"{key}: longer than {max_len} bytes")
-    return v  # type: ignore[no-any-return]
+    return v
 
 
 def _opt_bool(frame: dict[Any, Any], key: str) -> bool:
@@ -228,7 +229,7 @@ def _opt_bool(frame: dict[Any, Any], key: str) -> bool:
         return False
     if type(v) is not bool:
         raise _Bad(f"{key}: not a bool")
-    return v  # type: ignore[no-any-return]
+    return v
 
 
 def _opt_uint(frame: dict[Any, Any], key: str, minimum: int = 0) -> int | None:
@@ -237,14 +238,14 @@ def _opt_uint(frame: dict[Any, Any], key: str, minimum: int = 0) -> int | None:
         return None
     if type(v) is not int or v < minimum or v > _MAX_UINT64:
         raise _Bad(f"{key}: not an int >= {minimum}")
-    return v  # type: ignore[no-any-return]
+    return v
 
 
 def _topic(frame: dict[Any, Any]) -> str:
     v = frame.get("topic")
     if not is_topic(v):
         raise _Bad("topic: missing or not 1..200 chars of [A-Za-z0-9._:/-]")
-    return v  # type: ignore[no-any-return]
+    return cast(str, v)
 
 
 def _body(frame: dict[Any, Any], limits: DecodeLimits) -> bytes:
@@ -312,7 +313,7 @@ def _parse_send(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimi
     receipt = False if get("receipt") is None else _opt_bool(frame, "receipt")
     if len(body) > limits.max_body_bytes:
         raise _Bad(f"body: larger than {limits.max_body_bytes} bytes", TOO_LARGE)
-    return _new(Send, (fid, to, body, qos, ttl, sig, receipt))  # type: ignore[no-any-return]
+    return _new(Send, (fid, to, body, qos, ttl, sig, receipt))
 
 
 def _parse_ack(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Ack:
@@ -345,7 +346,7 @@ def _parse_unsub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLim
 
 def _parse_pub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Pub:
     topic = _topic(frame)
-    return _new(Pub, (fid, topic, _body(frame, limits)))  # type: ignore[no-any-return]
+    return _new(Pub, (fid, topic, _body(frame, limits)))
 
 
 def _parse_presence(frame: dict[Any, Any], fid: int | str | None,
@@ -363,7 +364,8 @@ def _parse_presence(frame: dict[Any, Any], fid: int | str | None,
     return Presence(fid, nodes)
 
 
-_PARSERS: Final = {
+_PARSERS: Final[dict[str, Callable[[dict[Any, Any], int | str | None, DecodeLimits],
+                                    ClientFrame]]] = {
     "hello": _parse_hello,
     "send": _parse_send,
     "ack": _parse_ack,
@@ -375,7 +377,7 @@ _PARSERS: Final = {
 
 # -- hub frames ----------------------------------------------------------------------
 
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 def encode(frame: dict[str, Any]) -> bytes:

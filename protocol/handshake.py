@@ -11,7 +11,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.errors import AUTH_FAILED, CLOSE_AUTH_FAILED, HandshakeError
+from protocol.errors import (
+    AUTH_FAILED,
+    CLOSE_AUTH_FAILED,
+    CLOSE_FORBIDDEN,
+    FORBIDDEN,
+    HandshakeError,
+    ProtocolViolation,
+)
 from protocol.frames import Hello, encode, encode_challenge
 from protocol.identity import Identity, auth_message, node_id_for_key, verify_signature
 from protocol.tokens import TokenError, TokenVerifier
@@ -123,8 +130,15 @@ class ClientHandshake:
     def welcome(self, frame: dict[str, Any]) -> Welcome:
         if frame.get("t") == "error":
             code = str(frame.get("code", AUTH_FAILED))
-            raise HandshakeError(code, CLOSE_AUTH_FAILED, str(frame.get("msg", "")))
+            close = CLOSE_FORBIDDEN if code == FORBIDDEN else CLOSE_AUTH_FAILED  # §2.4
+            raise HandshakeError(code, close, str(frame.get("msg", "")))
         if frame.get("t") != "welcome":
             raise HandshakeError(AUTH_FAILED, CLOSE_AUTH_FAILED, "expected welcome")
-        return Welcome(str(frame["node"]), str(frame["session"]), int(frame["hb"]),
-                       int(frame["pending"]), dict(frame.get("limits") or {}))
+        node, session = frame.get("node"), frame.get("session")
+        hb, pending = frame.get("hb"), frame.get("pending")
+        limits = frame.get("limits") or {}
+        if (type(node) is not str or type(session) is not str or type(hb) is not int
+                or type(pending) is not int or type(limits) is not dict):
+            # A broken welcome is the hub's fault, not an auth refusal.
+            raise ProtocolViolation("malformed welcome")
+        return Welcome(node, session, hb, pending, limits)
