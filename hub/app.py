@@ -81,7 +81,7 @@ class RunningHub:
                            pool_size=cfg.store.pool_size)
         await store.open()
         self.store = store
-        broker = open_broker(cfg.broker.url, seed=store.last_seq)
+        broker = open_broker(cfg.broker.url, seed=store.last_seq, hub_id=cfg.server.hub_id)
         node = HubNode(cfg, store, broker, metrics, token_verifier(cfg))
         await broker.start(cfg.server.instance_id, node)
         self.node = node

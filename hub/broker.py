@@ -22,6 +22,7 @@ Contract every implementation keeps (checked by one conformance suite):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
@@ -60,6 +61,12 @@ class Broker(Protocol):
     async def release(self, node_id: str, session_id: str) -> None: ...
 
     async def publish_to_node(self, node_id: str, frame: bytes, qos: int, mid: str) -> bool: ...
+
+    def publish_to_node_nowait(self, node_id: str, frame: bytes, qos: int, mid: str,
+                               want_result: bool = False) -> asyncio.Future[bool] | None:
+        """Queue the frame without waiting (the hot path: no task per message). With
+        `want_result`, a future telling whether an instance held the node. Raises
+        BrokerUnavailable at once when the backend is known to be down."""
 
     async def publish_to_topic(self, topic: str, seq: int, frame: bytes) -> None: ...
 
@@ -135,6 +142,14 @@ class MemoryBroker:
     async def publish_to_node(self, node_id: str, frame: bytes, qos: int, mid: str) -> bool:
         return False
 
+    def publish_to_node_nowait(self, node_id: str, frame: bytes, qos: int, mid: str,
+                               want_result: bool = False) -> asyncio.Future[bool] | None:
+        if not want_result:
+            return None
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut.set_result(False)
+        return fut
+
     async def publish_to_topic(self, topic: str, seq: int, frame: bytes) -> None:
         pass
 
@@ -148,12 +163,13 @@ class MemoryBroker:
         return False
 
 
-def open_broker(url: str, seed: Callable[[str], Awaitable[int]] | None = None) -> Broker:
+def open_broker(url: str, seed: Callable[[str], Awaitable[int]] | None = None,
+                hub_id: str = "openred") -> Broker:
     if url.startswith("memory:"):
         return MemoryBroker(seed)
     if url.startswith(("redis://", "rediss://")):
         from hub.broker_redis import RedisBroker
 
-        broker: Broker = RedisBroker(url)
+        broker: Broker = RedisBroker(url, hub_id=hub_id, seed=seed)
         return broker
     raise ValueError(f"broker.url: unsupported scheme {url.split(':', 1)[0]!r}")

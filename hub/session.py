@@ -735,23 +735,30 @@ class Session(asyncio.Protocol):
             hub.sample_route(self.rx_time)
             self.reply_ok(f.id, mid=mid, status="sent")
         elif hub.clustered:
-            self.spawn(self._route0_remote(f, mid, frame))
+            try:
+                fut = hub.broker.publish_to_node_nowait(f.to, frame, 0, mid, f.id is not None)
+            except Exception:
+                if f.id is not None:
+                    self.reply_error(f.id, E.UNAVAILABLE, "broker unavailable")
+                return
+            hub.metrics.routed["remote"] += 1
+            if fut is not None:
+                fut.add_done_callback(partial(self._remote_result, f.id, mid))
         else:
             hub.metrics.routed["dropped"] += 1
             if f.id is not None:
                 self.reply_error(f.id, E.NO_ROUTE, "node is offline")
 
-    async def _route0_remote(self, f: Send, mid: str, frame: bytes) -> None:
-        try:
-            delivered = await self.hub.publish_to_node(f.to, frame, 0, mid)
-        except Exception:
-            if f.id is not None:
-                self.reply_error(f.id, E.UNAVAILABLE, "broker unavailable")
+    def _remote_result(self, fid: int | str | None, mid: str, fut: asyncio.Future[bool]) -> None:
+        """§4 QoS 0 across instances: `ok sent` if an instance held the node."""
+        if self.state != ACTIVE:
             return
-        if delivered:
-            self.reply_ok(f.id, mid=mid, status="sent")
-        elif f.id is not None:
-            self.reply_error(f.id, E.NO_ROUTE, "node is offline")
+        if fut.cancelled() or fut.exception() is not None:
+            self.reply_error(fid, E.UNAVAILABLE, "broker unavailable")
+        elif fut.result():
+            self.reply_ok(fid, mid=mid, status="sent")
+        else:
+            self.reply_error(fid, E.NO_ROUTE, "node is offline")
 
     async def _send_q1(self, f: Send, mid: str, ts: int,
                        prev: asyncio.Future[Any] | None = None) -> None:
