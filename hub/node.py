@@ -215,6 +215,9 @@ class HubNode:
         if old is not None and old is not session:
             old.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
         session_id = self.mid(now)
+        # Live QoS 1 messages are held from the moment the session is routable until
+        # the stored queue has been replayed (no duplicate, no reordering).
+        session.hold_live_q1()
         self.local[node_id] = session
         self.metrics.connections += 1
         self.metrics.handshakes["ok"] += 1
@@ -227,7 +230,9 @@ class HubNode:
                 await self.broker.claim(node_id, session_id)
             except Exception:
                 log.warning("broker claim failed", extra={"event": "claim_failed"})
-        if pending and session.state == ACTIVE:
+        # Replay even when `pending` was 0: with a concurrent store a message may have
+        # been stored between the count and the registration above.
+        if session.state == ACTIVE:
             await session.replay_queue()
 
     def detach(self, session: Session) -> None:

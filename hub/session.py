@@ -279,6 +279,8 @@ class Session(asyncio.Protocol):
     def push(self, frame: bytes) -> None:
         """Queue one encoded frame; written with the others at the end of this loop
         iteration. Never blocks; a full queue closes the session as a slow consumer."""
+        if self.state >= CLOSING:
+            return  # RFC 6455 §5.5.1: no data frame after the close frame
         out = self._out
         out.append(frame)
         if len(out) > self.hub.send_queue_max and self._write_paused:
@@ -804,12 +806,17 @@ class Session(asyncio.Protocol):
         self.push(frame)
         self.hub.store.mark_delivered_nowait([mid], time.time_ns() // 1_000_000)
 
+    def hold_live_q1(self) -> None:
+        """Hold live QoS 1 messages until `replay_queue` has delivered the stored ones."""
+        self._backlog = {}
+
     async def replay_queue(self) -> None:
         """§4: deliver stored QoS 1 messages in their original order, then switch to
         live delivery with no gap and no duplicate."""
         hub = self.hub
         store = hub.store
-        self._backlog = {}
+        if self._backlog is None:
+            self._backlog = {}
         after: str | None = None
         # §7: a page never fills the send queue by itself (a backlog larger than
         # send_queue_max is flow controlled, not taken for a slow consumer).
@@ -844,6 +851,9 @@ class Session(asyncio.Protocol):
         except StoreUnavailable:
             # Messages stay stored; they are delivered on the next session.
             self._backlog = None
+        except BaseException:
+            self._backlog = None
+            raise
 
     async def _wait_drained(self) -> None:
         """Wait until the send queue has room for another page (flow control)."""
