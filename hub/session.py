@@ -91,10 +91,23 @@ class _Recovery:
 
 
 class Session(asyncio.Protocol):
+    # Slots: thousands of idle sessions per process, each without an instance dict.
+    __slots__ = (
+        "_backlog", "_backlog_overflow", "_bucket", "_close_sent", "_close_timer", "_ctl",
+        "_ctl_task", "_drained", "_fast", "_flush_scheduled", "_flushes", "_frag",
+        "_frag_size", "_handshake", "_hello_timer", "_inflight", "_out", "_q1_tail",
+        "_rbuf", "_read_paused", "_refused", "_refused_since", "_tasks", "_write_paused",
+        "batch_out", "challenge_at", "hub", "ip", "key", "last_ping", "last_rx", "loop",
+        "node_id", "rx_time", "session_id", "state", "topics", "topics_allowed",
+        "transport", "ws",
+    )
+
     def __init__(self, hub: HubNode) -> None:
         self.hub = hub
         cfg = hub.cfg
-        self.ws = ServerProtocol(
+        # The sans-I/O protocol object does the HTTP upgrade; in fast mode it is
+        # dropped right after (so the attribute is typed Any rather than Optional).
+        self.ws: Any = ServerProtocol(
             max_size=cfg.limits.max_frame_bytes,
             extensions=hub.ws_extensions,
             logger=_ws_log,
@@ -128,7 +141,7 @@ class Session(asyncio.Protocol):
         self._inflight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._q1_tail: asyncio.Future[Any] | None = None
-        self._ctl: deque[Callable[[], Coroutine[Any, Any, None]]] = deque()
+        self._ctl: deque[Callable[[], Coroutine[Any, Any, None]]] | None = None
         self._ctl_task: asyncio.Task[None] | None = None
         self._backlog: dict[str, bytes] | None = None  # QoS 1 held while the queue replays
         self._backlog_overflow = False
@@ -206,7 +219,7 @@ class Session(asyncio.Protocol):
     def _write_ws(self) -> None:
         """Write what the sans-I/O protocol produced (handshake, pongs, close frames)."""
         transport = self.transport
-        if transport is None:
+        if transport is None or self.ws is None:
             return
         for data in self.ws.data_to_send():
             if data:
@@ -263,6 +276,7 @@ class Session(asyncio.Protocol):
             reader_buf = ws.reader.buffer
             self._rbuf = bytearray(reader_buf)
             reader_buf.clear()
+            self.ws = None  # not needed any more: frees its parser and buffers
         self._write_now(self._handshake.challenge())
         self.challenge_at = self.loop.time()
         self._hello_timer = self.loop.call_later(hub.cfg.auth.hello_timeout_s,
@@ -668,6 +682,8 @@ class Session(asyncio.Protocol):
 
     def _control(self, op: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """sub, unsub and presence run one at a time, in the order received."""
+        if self._ctl is None:
+            self._ctl = deque()
         self._ctl.append(op)
         self._work_added()
         if self._ctl_task is None:
@@ -675,8 +691,9 @@ class Session(asyncio.Protocol):
 
     async def _run_control(self) -> None:
         try:
-            while self._ctl and self.state == ACTIVE:
-                op = self._ctl.popleft()
+            ctl = self._ctl
+            while ctl and self.state == ACTIVE:
+                op = ctl.popleft()
                 try:
                     await op()
                 finally:
