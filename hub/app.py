@@ -78,7 +78,8 @@ class RunningHub:
         self.registry.register(PLATFORM_COLLECTOR)
         metrics = Metrics(self.registry)
         store = open_store(cfg.store.url, auto_migrate=cfg.store.auto_migrate,
-                           pool_size=cfg.store.pool_size)
+                           pool_size=cfg.store.pool_size,
+                           retention_days=cfg.store.retention_days)
         await store.open()
         self.store = store
         broker = open_broker(cfg.broker.url, seed=store.last_seq, hub_id=cfg.server.hub_id)

@@ -1,6 +1,6 @@
 """Durable state of the hub: the `Store` contract (`store.py`) and its backends.
 
-The public API is the contract and `open_store(url)`; backends (`sqlite.py`, later
+The public API is the contract and `open_store(url)`; backends (`sqlite.py`,
 `postgres.py`) are picked by URL and imported only when used.
 """
 

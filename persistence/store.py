@@ -2,8 +2,8 @@
 
 Owned here: the `Store` protocol (nodes, QoS 1 queues, topic history, audit events), the
 record types it returns, and `open_store(url)`, which picks the implementation from
-`store.url`. Implementations live beside it (`sqlite.py`, later `postgres.py`) and are
-held to this docstring by one conformance suite (`tests/persistence/`).
+`store.url`. Implementations live beside it (`sqlite.py`, `postgres.py`) and are held to
+this docstring by one conformance suite (`tests/persistence/`), run against each.
 
 Guarantees every implementation gives:
 
@@ -12,7 +12,10 @@ Guarantees every implementation gives:
   callers are group-committed: every call made while a commit is in flight joins the
   next commit, so durability costs one round trip per batch, not per message.
 - **Order.** Writes are committed in the order the calls were made (FIFO), and
-  `pending()` returns a recipient's messages in the order they were enqueued.
+  `pending()` returns a recipient's messages in the order they were enqueued. A read of
+  queues, history or audit sees every write of that data submitted before it, also one
+  still waiting for its commit and the `*_nowait` ones (`ping()` flushes them all).
+  Reads may complete in any order among themselves (PostgreSQL runs them concurrently).
 - **Ack ownership.** `ack(node, mids)` only acks messages addressed to `node`; other
   mids are ignored, never an error.
 - **Expiry.** A message whose `expires` (ms) is <= now is never returned by `pending()`
@@ -22,9 +25,13 @@ Guarantees every implementation gives:
   The last sequence number of a topic survives trimming (`last_seq`), so a restarted
   single instance never reuses a `seq`.
 - **Failure.** A backend that cannot be reached raises `StoreUnavailable` (the hub
-  answers `error unavailable`: the frame was NOT accepted). A recipient queue already at
-  `max_pending` raises `QueueFull` for the message that would exceed it; other messages
-  of the same batch are unaffected.
+  answers `error unavailable`: the frame was NOT accepted), promptly (seconds at most),
+  and the store recovers by itself when the backend returns. A call whose commit was cut
+  off waits until the backend tells whether it committed, so `StoreUnavailable` always
+  means "not stored". A recipient queue already at `max_pending` raises `QueueFull` for
+  the message that would exceed it; other messages of the same batch are unaffected. A
+  value the backend refuses (a duplicate mid; in PostgreSQL, text with NUL) raises
+  `StoreError` for that call only.
 """
 
 from __future__ import annotations
@@ -210,8 +217,10 @@ class Store(Protocol):
         """Newest first, id < before_id when given."""
 
 
-def open_store(url: str, *, auto_migrate: bool = True, pool_size: int = 10) -> Store:
-    """Build (not yet open) the store named by `store.url`."""
+def open_store(url: str, *, auto_migrate: bool = True, pool_size: int = 10,
+               retention_days: int = 30) -> Store:
+    """Build (not yet open) the store named by `store.url`. `retention_days` bounds the
+    partitioned PostgreSQL tables (dropped by day); SQLite purges rows instead."""
     if url.startswith("sqlite:"):
         from persistence.sqlite import SqliteStore
 
@@ -219,7 +228,8 @@ def open_store(url: str, *, auto_migrate: bool = True, pool_size: int = 10) -> S
     if url.startswith(("postgresql:", "postgres:")):
         from persistence.postgres import PostgresStore
 
-        store: Store = PostgresStore(url, auto_migrate=auto_migrate, pool_size=pool_size)
+        store: Store = PostgresStore(url, auto_migrate=auto_migrate, pool_size=pool_size,
+                                     retention_days=retention_days)
         return store
     raise ValueError(f"store.url: unsupported scheme in {url.split(':', 1)[0]!r}; "
                      "use sqlite:/// or postgresql://")

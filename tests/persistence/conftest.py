@@ -1,11 +1,14 @@
 """Fixtures of the `Store` conformance suite: every test runs against every backend.
 
 A backend is one `StoreFactory` subclass registered in `FACTORIES` and named in
-`STORE_PARAMS`. To add PostgreSQL: write `PostgresFactory` (`tests.services.need_pg()`
-for the DSN, a unique schema per test), register it as "postgres" and append "postgres"
-to `STORE_PARAMS`. Backends are expected to take the keyword
-`migrations_dir` (the migrations test edits a copy) and to expose `commits` (the number
-of transactions committed, for the group-commit test).
+`STORE_PARAMS`. Backends are expected to take the keyword `migrations_dir` (the
+migrations test edits a copy) and to expose `commits` (the number of transactions
+committed, for the group-commit test).
+
+PostgreSQL (`PostgresFactory`) runs on the real server of `tests.services.need_pg()`
+(skipped without it, failed under CI): each test gets its own schema `t_<random>`
+(created by the store's `migrate()`, named in the URL as `?schema=`, so a subprocess
+using `factory.url` lands in it too), dropped with CASCADE after the test.
 
 Fixtures:
 - `store`: an open store of each backend in `STORE_PARAMS`, closed after the test.
@@ -13,19 +16,26 @@ Fixtures:
   tests worth running on those too.
 - `store_factory`: builds (and re-builds, on the same database) stores of one backend,
   for tests that close and reopen.
+- `pg_factory`: a `PostgresFactory` alone, for the PostgreSQL-only tests
+  (test_postgres.py).
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
+from persistence.postgres import PostgresStore
 from persistence.sqlite import SqliteStore
 from persistence.store import Store
+from tests.services import need_pg
 
 PACKAGE_MIGRATIONS = Path(__file__).resolve().parents[2] / "persistence" / "migrations"
 
@@ -46,6 +56,9 @@ class StoreFactory:
 
     def make(self, *, auto_migrate: bool = True, migrations_dir: Path | None = None) -> Store:
         raise NotImplementedError
+
+    async def cleanup(self) -> None:
+        """Remove the database after the test (every store built is closed by then)."""
 
     def copy_migrations(self) -> Path:
         """A private copy of this backend's migrations, for tests that edit them."""
@@ -76,20 +89,65 @@ class SqliteMemoryFactory(SqliteFactory):
         return "sqlite://:memory:"
 
 
+def with_schema(dsn: str, schema: str) -> str:
+    """`dsn` with `schema=NAME` added to its query."""
+    parts = urlsplit(dsn)
+    query = f"{parts.query}&schema={schema}" if parts.query else f"schema={schema}"
+    return urlunsplit(parts._replace(query=query))
+
+
+class PostgresFactory(StoreFactory):
+    name = "postgres"
+    migrations_subdir = "postgres"
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path)
+        self.dsn = need_pg()
+        self.schema = f"t_{secrets.token_hex(6)}"
+        # Small pools: the suite opens many stores, the server has max_connections.
+        self.pool_size = 4
+
+    @property
+    def url(self) -> str:
+        return with_schema(self.dsn, self.schema)
+
+    def make(self, *, auto_migrate: bool = True, migrations_dir: Path | None = None) -> Store:
+        return self.make_pg(auto_migrate=auto_migrate, migrations_dir=migrations_dir)
+
+    def make_pg(self, *, auto_migrate: bool = True, migrations_dir: Path | None = None,
+                url: str | None = None) -> PostgresStore:
+        """A store on this test's schema (`url`: reach the server another way, e.g.
+        through a proxy)."""
+        return PostgresStore(url or self.dsn, schema=self.schema, auto_migrate=auto_migrate,
+                             pool_size=self.pool_size, migrations_dir=migrations_dir)
+
+    async def cleanup(self) -> None:
+        # A lock left by a store a failed test did not close must not hang the suite.
+        conn = await asyncpg.connect(self.dsn, server_settings={"lock_timeout": "10s"})
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
 FACTORIES: dict[str, type[StoreFactory]] = {
     "sqlite": SqliteFactory,
     "sqlite-memory": SqliteMemoryFactory,
+    "postgres": PostgresFactory,
 }
 
 # Every conformance test runs on each of these.
-STORE_PARAMS = ["sqlite"]
+STORE_PARAMS = ["sqlite", "postgres"]
 # Variants that only the `any_store` tests also run on.
 EXTRA_PARAMS = ["sqlite-memory"]
 
 
 @pytest.fixture(params=STORE_PARAMS)
-def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    return FACTORIES[request.param](tmp_path)
+async def store_factory(request: pytest.FixtureRequest,
+                        tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    factory = FACTORIES[request.param](tmp_path)
+    yield factory
+    await factory.cleanup()
 
 
 async def _open(factory: StoreFactory) -> Store:
@@ -107,6 +165,16 @@ async def store(store_factory: StoreFactory) -> AsyncIterator[Store]:
 
 @pytest.fixture(params=STORE_PARAMS + EXTRA_PARAMS)
 async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await _open(FACTORIES[request.param](tmp_path))
+    factory = FACTORIES[request.param](tmp_path)
+    opened = await _open(factory)
     yield opened
     await opened.close()
+    await factory.cleanup()
+
+
+@pytest.fixture
+async def pg_factory(tmp_path: Path) -> AsyncIterator[PostgresFactory]:
+    """PostgreSQL only: a fresh schema for the backend-specific tests."""
+    factory = PostgresFactory(tmp_path)
+    yield factory
+    await factory.cleanup()
