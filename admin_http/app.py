@@ -1,5 +1,6 @@
 """The admin HTTP application: `/healthz`, `/readyz`, `/metrics` (ARCHITECTURE.md
-"Operator surface"). The `/v1/` routes are added by `admin_http.routes` when present.
+"Operator surface"), and the security headers of every response. The `/v1/` routes, their
+auth and problem+json errors are added by `admin_http.routes`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prometheus_client.registry import CollectorRegistry
 if TYPE_CHECKING:
     from hub.node import HubNode
 
-__all__ = ["HUB_KEY", "REGISTRY_KEY", "make_app"]
+__all__ = ["HUB_KEY", "REGISTRY_KEY", "make_app", "max_request_bytes"]
 
 HUB_KEY = web.AppKey("hub", object)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -58,17 +59,23 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def max_request_bytes(hub: HubNode) -> int:
+    """64 KiB, or what `POST /v1/messages` needs for a limits.max_body_bytes body in
+    base64 plus its other members (4 KiB), whichever is larger."""
+    return max(64 * 1024, 4 * -(-hub.cfg.limits.max_body_bytes // 3) + 4096)
+
+
 def make_app(hub: HubNode, registry: CollectorRegistry) -> web.Application:
-    app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[security_headers],
+                          client_max_size=max_request_bytes(hub))
     app[HUB_KEY] = hub
     app[REGISTRY_KEY] = registry
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    try:
-        from admin_http.routes import add_routes  # type: ignore[import-not-found]
-    except ImportError:
-        pass
-    else:
-        add_routes(app)
+    # Imported here (routes imports HUB_KEY from this module). Never optional: an import
+    # error must stop start-up, not silently take the /v1/ surface away.
+    from admin_http.routes import add_routes
+
+    add_routes(app)
     return app
