@@ -85,6 +85,7 @@ class MemoryBroker:
 
     def __init__(self, seed: Callable[[str], Awaitable[int]] | None = None) -> None:
         self._seq: dict[str, int] = {}
+        self._seeding: dict[str, asyncio.Future[int]] = {}
         self._seed = seed
 
     async def start(self, instance_id: str, handler: BrokerHandler) -> None:
@@ -108,12 +109,24 @@ class MemoryBroker:
         seq = self._seq.get(topic)
         if seq is not None:
             return seq
-        seeded = await self._seed(topic) if self._seed is not None else 0
-        # Another caller may have seeded (and advanced) it while we awaited.
+        # One store read per topic, shared by every caller that arrives meanwhile, so
+        # concurrent first publishes get their sequences in call order.
+        seeding = self._seeding.get(topic)
+        if seeding is None:
+            seeding = asyncio.ensure_future(self._read_seed(topic))
+            self._seeding[topic] = seeding
+        try:
+            seeded = await asyncio.shield(seeding)
+        finally:
+            if seeding.done():
+                self._seeding.pop(topic, None)
         seq = self._seq.get(topic)
         if seq is None:
             self._seq[topic] = seq = seeded
         return seq
+
+    async def _read_seed(self, topic: str) -> int:
+        return await self._seed(topic) if self._seed is not None else 0
 
     async def trim(self, max_topics: int) -> int:
         """Keep the sequence table bounded: past `max_topics` entries, drop the oldest

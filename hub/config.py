@@ -241,7 +241,15 @@ _BROKER_ALLOWED: Final = "must be memory:// or redis://... or rediss://..."
 
 
 def _check_broker_url(value: str) -> str:
-    if value.startswith(("memory://", "redis://", "rediss://")):
+    if value.startswith("memory://"):
+        return value
+    if value.startswith(("redis://", "rediss://")):
+        # `?cluster=true` names a Redis Cluster (any node as the seed): sharded pub/sub.
+        from urllib.parse import parse_qsl, urlsplit
+
+        for key, v in parse_qsl(urlsplit(value).query, keep_blank_values=True):
+            if key == "cluster" and v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise _Bad(_BROKER_ALLOWED)
         return value
     raise _Bad(_BROKER_ALLOWED)
 
@@ -712,6 +720,13 @@ def _cross_checks(values: dict[tuple[str, str], Any], origins: dict[tuple[str, s
             "max_body_bytes",
             f"must be <= limits.max_frame_bytes ({frame}), got {body}",
         )
+
+    ttl, days = values[("store", "message_ttl_s")], values[("store", "retention_days")]
+    if days * 86400 <= ttl:
+        # Partitions older than retention are dropped whole: an unacked message must
+        # expire before its day's partition goes.
+        raise fail("store", "retention_days",
+                   f"must cover store.message_ttl_s ({ttl} s), got {days} days")
 
 
 def load_config(

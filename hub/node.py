@@ -18,7 +18,7 @@ from hub.broker import Broker, MemoryBroker
 from hub.config import Config, effective_limits
 from hub.metrics import Metrics
 from hub.ratelimit import IpLimiter
-from hub.session import ACTIVE, CLOSING, Session
+from hub.session import ACTIVE, AUTH, CLOSING, Session
 from persistence.store import Store, StoreUnavailable
 from protocol import errors as E
 from protocol.frames import (
@@ -179,29 +179,33 @@ class HubNode:
             self.auth_refused(session, exc.reason)
             return
         node_id = auth.node_id
+        now = _now_ms()
+        session_id = self.mid(now)
+        # Register first, check bans after: a ban committed after our read below finds
+        # this session in the registry, so no ban can slip between check and register.
+        # The node proved its identity already; replacing its old session is its right.
+        old = self.local.get(node_id)
+        if old is not None and old is not session:
+            old.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
+        session.register(node_id, session_id)
+        self.local[node_id] = session
+        self.metrics.connections += 1
+        if self.clustered:
+            try:  # before welcome: from welcome on, other instances can reach the node
+                await self.broker.claim(node_id, session_id)
+            except Exception:
+                log.warning("broker claim failed", extra={"event": "claim_failed"})
         try:
             rec = await self.store.get_node(node_id)
-        except StoreUnavailable:
-            self.metrics.handshakes["unavailable"] += 1
-            session.close(E.CLOSE_INTERNAL, "store unavailable",
-                          error=encode_error(None, E.UNAVAILABLE, "store unavailable"))
-            return
-        if session.state != 2:  # AUTH: the peer went away while we waited
-            return
-        if rec is not None and rec.banned:
-            self.auth_refused(session, "banned", E.FORBIDDEN, E.CLOSE_FORBIDDEN, node_id)
-            return
-        if self.allowlist and (rec is None or not rec.registered):
-            self.auth_refused(session, "not registered", E.FORBIDDEN, E.CLOSE_FORBIDDEN,
-                              node_id)
-            return
-        if auth.key is None and rec is not None and rec.key is not None:
-            # A token-authenticated node whose operator registered a key: the key is
-            # still what body signatures are checked against (auth.verify_body_sig).
-            auth = Authenticated(auth.node_id, rec.key, auth.topics, auth.batch, auth.meta,
-                                 auth.method)
-        now = _now_ms()
-        try:
+            if session.state != AUTH:  # the peer went away while we waited
+                return
+            if rec is not None and rec.banned:
+                self.auth_refused(session, "banned", E.FORBIDDEN, E.CLOSE_FORBIDDEN, node_id)
+                return
+            if self.allowlist and (rec is None or not rec.registered):
+                self.auth_refused(session, "not registered", E.FORBIDDEN, E.CLOSE_FORBIDDEN,
+                                  node_id)
+                return
             await self.store.node_seen(node_id, hello.key, hello.meta, now)
             pending = await self.store.count_pending(node_id, now)
         except StoreUnavailable:
@@ -209,31 +213,20 @@ class HubNode:
             session.close(E.CLOSE_INTERNAL, "store unavailable",
                           error=encode_error(None, E.UNAVAILABLE, "store unavailable"))
             return
-        if session.state != 2 or not self.accepting:
+        if session.state != AUTH:
             return
-        old = self.local.get(node_id)
-        if old is not None and old is not session:
-            old.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
-        session_id = self.mid(now)
-        # Live QoS 1 messages are held from the moment the session is routable until
-        # the stored queue has been replayed (no duplicate, no reordering).
-        session.hold_live_q1()
-        self.local[node_id] = session
-        self.metrics.connections += 1
+        if auth.key is None and rec is not None and rec.key is not None:
+            # A token-authenticated node whose operator registered a key: the key is
+            # still what body signatures are checked against (auth.verify_body_sig).
+            auth = Authenticated(auth.node_id, rec.key, auth.topics, auth.batch, auth.meta,
+                                 auth.method)
         self.metrics.handshakes["ok"] += 1
         self.store.audit_nowait("auth_ok", node_id, session.ip, {"method": auth.method}, now)
-        session.push(encode_welcome(node_id, session_id, self.cfg.limits.hb_s, pending,
-                                    self.welcome_limits))
-        session.activate(auth, session_id)
-        if self.clustered:
-            try:
-                await self.broker.claim(node_id, session_id)
-            except Exception:
-                log.warning("broker claim failed", extra={"event": "claim_failed"})
+        session.activate(auth, encode_welcome(node_id, session_id, self.cfg.limits.hb_s,
+                                              pending, self.welcome_limits))
         # Replay even when `pending` was 0: with a concurrent store a message may have
         # been stored between the count and the registration above.
-        if session.state == ACTIVE:
-            await session.replay_queue()
+        await session.replay_queue()
 
     def detach(self, session: Session) -> None:
         node_id = session.node_id

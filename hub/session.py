@@ -29,7 +29,7 @@ from websockets.server import ServerProtocol
 from websockets.speedups import apply_mask
 
 from hub.ratelimit import TokenBucket
-from persistence.store import QueueFull, StoredMessage, StoreUnavailable
+from persistence.store import QueueFull, StoredMessage, StoreError, StoreUnavailable
 from protocol import errors as E
 from protocol.errors import DecodeError, FrameError
 from protocol.frames import (
@@ -98,7 +98,8 @@ class Session(asyncio.Protocol):
         "_frag_size", "_handshake", "_hello_timer", "_inflight", "_out", "_q1_tail",
         "_rbuf", "_read_paused", "_refused", "_refused_since", "_tasks", "_write_paused",
         "batch_out", "challenge_at", "hub", "ip", "key", "last_ping", "last_rx", "loop",
-        "node_id", "rx_time", "session_id", "state", "topics", "topics_allowed",
+        "node_id", "registered", "rx_time", "session_id", "state", "topics",
+        "topics_allowed",
         "transport", "ws",
     )
 
@@ -118,6 +119,7 @@ class Session(asyncio.Protocol):
         self.ip = "?"
         self.node_id = ""
         self.session_id = ""
+        self.registered = False
         self.key: bytes | None = None
         self.topics_allowed: tuple[str, ...] | None = None
         self.batch_out = False
@@ -530,7 +532,8 @@ class Session(asyncio.Protocol):
 
     def _detach(self) -> None:
         """Leave the registry (so routing and presence stop at once) exactly once."""
-        if self.state == ACTIVE:
+        if self.registered:
+            self.registered = False
             self.hub.detach(self)
 
     # -- inbound ------------------------------------------------------------------
@@ -580,13 +583,25 @@ class Session(asyncio.Protocol):
             self._hello_timer = None
         self.spawn(self.hub.authenticate(self, hello))
 
-    def activate(self, auth: Authenticated, session_id: str) -> None:
-        """Called by the hub once the welcome is queued."""
-        self.node_id = auth.node_id
+    def register(self, node_id: str, session_id: str) -> None:
+        """The hub made this session routable (still before welcome): frames for it
+        queue up behind the welcome, live QoS 1 is held until the queue is replayed."""
+        self.node_id = node_id
+        self.session_id = session_id
+        self.registered = True
+        self.hold_live_q1()
+
+    def activate(self, auth: Authenticated, welcome: bytes) -> None:
+        """Called by the hub when the node is accepted: the welcome goes out before
+        anything routed to the session while it was being checked."""
         self.key = auth.key
         self.topics_allowed = auth.topics
         self.batch_out = auth.batch
-        self.session_id = session_id
+        self._handshake = None
+        self._out.insert(0, welcome)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
         self.state = ACTIVE
 
     def _handle(self, data: bytes) -> None:
@@ -800,6 +815,10 @@ class Session(asyncio.Protocol):
             return
         except StoreUnavailable:
             self.reply_error(f.id, E.UNAVAILABLE, "store unavailable")
+            return
+        except StoreError:  # refused for this message alone (e.g. a duplicate mid)
+            log.exception("qos 1 store write refused", extra={"event": "store_refused"})
+            self.reply_error(f.id, E.INTERNAL, "message not stored")
             return
         self.reply_ok(f.id, mid=mid, status="stored")  # §4: stored before ok
         frame = encode_msg(mid, self.node_id, f.body, ts, 1, f.sig)
