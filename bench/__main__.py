@@ -1,257 +1,430 @@
-"""`python -m bench <scenario>` (also `openred-hub bench ...`): load scenarios against a
-hub it starts itself (pinned to CPU 0 with taskset when present) or a running one
-(`--url`). Prints a table and one JSON line per run.
+"""`python -m bench <scenario>` (also `openred-hub bench ...`): the benchmarks of issue 6.
 
-Scenarios so far: `direct` (pairs x window, QoS 0). The same-run baselines and the other
-scenarios of the benchmark issue build on this module.
+Each run starts the hub (pinned to CPU 0 with taskset when present) and, in the same
+run, the baseline relays (bench/baselines/, pinned the same way), drives them with the
+lean generator (bench/lean.py, pinned to CPU 1) and reports the median of `--runs` runs
+per target, the ratios to the baselines and the goals of the issue. Output: a table, one
+JSON line (also appended to bench/results/<date>.jsonl), with `--plot` PNG charts.
+
+    python -m bench direct                  # hub vs websockets, picows, coalesced picows
+    python -m bench latency --rate 5000
+    python -m bench idle --sessions 10000
+    python -m bench fanout --subscribers 10000 --rate 10
+    python -m bench qos1 --store-url sqlite --store-url postgresql://postgres@127.0.0.1/test
+    python -m bench cluster                 # 1 hub vs 2 hubs + Redis vs 2 relays + Redis
+    python -m bench storm --nodes 10000 --per-node 5
+
+`--url ws://host:port` measures a running hub instead of starting one (no baselines
+unless asked with --targets).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
-import resource
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+from bench.procs import (
+    DEFAULT_PG_URL,
+    NOFILE,
+    Target,
+    cpus,
+    hub_process,
+    pin_self,
+    raise_nofile,
+    start_target,
+)
+from bench.report import Progress, append_jsonl, json_line, machine, plot, print_table
+from bench.scenarios import SCENARIO_FUNCS
 
-from bench.lean import LeanNode, client_frame
+__all__ = ["hub_process", "main"]
 
-__all__ = ["main"]
+BASELINES = ("websockets", "picows", "picows-coalesced")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass(frozen=True)
+class Spec:
+    key: str  # the metric the median run is chosen by
+    higher_is_better: bool
+    targets: tuple[str, ...]
+    columns: list[tuple[str, str]] = field(default_factory=list)
+
+
+_CPU_COLS = [("generator_cpu", "gen cpu"), ("server_cpu", "server cpu")]
+SPECS: dict[str, Spec] = {
+    "direct": Spec("msgs_per_s", True, ("hub", *BASELINES), [
+        ("target", "target"), ("msgs_per_s", "msgs/s"), ("ratio", "hub/this"), *_CPU_COLS,
+        ("server_sys_share", "server sys"), ("disconnects", "closed"), ("runs", "runs")]),
+    "latency": Spec("p99_ms", False, ("hub", *BASELINES), [
+        ("target", "target"), ("sent_per_s", "sent/s"), ("p50_ms", "p50 ms"),
+        ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"),
+        ("max_ms", "max ms"), ("lost", "lost"), ("ratio", "hub/this p99"), *_CPU_COLS,
+        ("runs", "runs (p99)")]),
+    "idle": Spec("kib_per_session", False, ("hub", "websockets", "picows"), [
+        ("target", "target"), ("sessions", "sessions"), ("kib_per_session", "KiB/session"),
+        ("rss_before_mib", "RSS before MiB"), ("rss_after_mib", "RSS after MiB"),
+        ("connects_per_s", "connects/s"), ("alive", "alive"), ("ratio", "hub/this"),
+        *_CPU_COLS, ("runs", "runs")]),
+    "fanout": Spec("p99_ms", False, ("hub", "websockets", "picows"), [
+        ("target", "target"), ("subscribers", "subs"), ("published", "published"),
+        ("delivered", "delivered"), ("all_delivered", "all?"), ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"), ("max_ms", "max ms"), ("late_50ms_share", "> 50 ms"),
+        ("ratio", "hub/this p99"), *_CPU_COLS, ("runs", "runs (p99)")]),
+    "qos1": Spec("msgs_per_s", True, ("hub",), [
+        ("target", "target"), ("msgs_per_s", "msgs/s"), ("ok_p50_ms", "ok p50 ms"),
+        ("ok_p99_ms", "ok p99 ms"), ("errors", "errors"), *_CPU_COLS, ("runs", "runs")]),
+    "cluster": Spec("msgs_per_s", True, ("hub", "hub-cluster", "websockets-redis"), [
+        ("target", "target"), ("msgs_per_s", "msgs/s"), *_CPU_COLS,
+        ("errors", "errors"), ("disconnects", "closed"), ("runs", "runs")]),
+    "storm": Spec("all_messages_s", False, ("hub",), [
+        ("target", "target"), ("nodes", "nodes"), ("per_node", "msgs/node"),
+        ("back_s", "all back s"), ("all_messages_s", "all msgs s"),
+        ("p50_node_s", "p50 node s"), ("refused", "refused"), ("lost", "lost"),
+        ("duplicates", "dups"), ("misdelivered", "wrong"), ("store_per_s", "stored/s"),
+        *_CPU_COLS, ("runs", "runs")]),
+}
+
+
+# What each scenario's result depends on (kept with it in the JSON line).
+PARAMS: dict[str, tuple[str, ...]] = {
+    "direct": ("seconds", "pairs", "window", "body_bytes", "batch"),
+    "cluster": ("seconds", "pairs", "window", "body_bytes", "batch"),
+    "latency": ("seconds", "pairs", "rate", "body_bytes"),
+    "idle": ("sessions", "concurrency", "settle"),
+    "fanout": ("seconds", "subscribers", "rate", "body_bytes", "drain", "concurrency"),
+    "qos1": ("seconds", "pairs", "window", "body_bytes"),
+    "storm": ("nodes", "per_node", "window", "body_bytes", "concurrency", "storm_concurrency",
+              "timeout"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=sorted(SPECS))
+    p.add_argument("--runs", type=int, default=3, help="runs; the median is reported (3)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured window per run (10)")
+    p.add_argument("--targets", help="comma-separated targets instead of the scenario's: hub, "
+                   "websockets, picows, picows-coalesced, hub-cluster, websockets-redis")
+    p.add_argument("--no-baselines", action="store_true", help="the hub only")
+    p.add_argument("--url", help="measure a running hub (ws://host:port) instead of starting "
+                   "one; its CPU counts only with --pid")
+    p.add_argument("--pid", type=int, help="with --url: the running hub's pid")
+    p.add_argument("--pairs", type=int, default=50, help="direct, latency, qos1, cluster (50)")
+    p.add_argument("--window", type=int, default=32,
+                   help="messages in flight per pair (32; storm: QoS 1 sends in flight, 512)")
+    p.add_argument("--body-bytes", type=int, default=64, help="body size (64)")
+    p.add_argument("--batch", action="store_true",
+                   help="direct/cluster: senders write protocol batches, receivers ask for them")
+    p.add_argument("--rate", type=float, help="latency: offered msgs/s (5000); fanout: "
+                   "publishes/s (10)")
+    p.add_argument("--sessions", type=int, default=10_000, help="idle: sessions (10000)")
+    p.add_argument("--subscribers", type=int, default=10_000, help="fanout (10000)")
+    p.add_argument("--drain", type=float, default=10.0,
+                   help="fanout: seconds to wait for late deliveries (10)")
+    p.add_argument("--nodes", type=int, default=10_000, help="storm: nodes (10000)")
+    p.add_argument("--per-node", type=int, default=5,
+                   help="storm: QoS 1 messages queued per node (5)")
+    p.add_argument("--concurrency", type=int, default=256,
+                   help="handshakes in flight while setting up (256)")
+    p.add_argument("--storm-concurrency", type=int, default=0,
+                   help="storm: reconnects in flight (0: all at once)")
+    p.add_argument("--timeout", type=float, default=120.0, help="storm: give up after (120 s)")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="idle: seconds between the last connect and the RSS reading (3)")
+    p.add_argument("--store-url", action="append", metavar="URL",
+                   help="store of the hub it starts: 'sqlite' (default: a temporary file) or "
+                   "postgresql://... (a throwaway schema is created and dropped); qos1 "
+                   "takes it repeated, one row each (default: sqlite and " + DEFAULT_PG_URL
+                   + "); cluster: the PostgreSQL database for its schemas")
+    p.add_argument("--redis-url", help="cluster: use this Redis instead of a private "
+                   "redis-server (a unique prefix per run)")
+    p.add_argument("--hub-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra configuration for the hubs it starts, e.g. "
+                   "OPENRED_HUB_STORE_TOPIC_HISTORY=0 (repeatable)")
+    p.add_argument("--plot", action="store_true",
+                   help="PNG charts into bench/results/ (needs matplotlib: the bench extra)")
+    p.add_argument("--no-save", action="store_true", help="do not append to bench/results/")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--profile", action="store_true",
+                   help="one extra run of the hub target(s), not in the medians, with py-spy "
+                   "on the hub during the measured window: raw stacks into bench/results/, "
+                   "own/total time per function in the JSON line")
+    return p
+
+
+@dataclass
+class Planned:
+    label: str
+    spec: str
+    store_url: str | None = None
+
+
+def _plan(a: argparse.Namespace) -> list[Planned]:
+    spec = SPECS[a.scenario]
+    if a.scenario == "qos1":
+        urls = a.store_url or ["sqlite", DEFAULT_PG_URL]
+        return [Planned("hub " + ("postgresql" if u.startswith("postgres") else "sqlite"), "hub",
+                        None if u == "sqlite" else u) for u in urls]
+    store = (a.store_url or [None])[-1]
+    store = None if store == "sqlite" else store
+    names = a.targets.split(",") if a.targets else list(spec.targets)
+    if a.url and not a.targets:
+        names = ["hub"]
+    if a.no_baselines:
+        names = [n for n in names if n.startswith("hub")]
+    if a.scenario == "cluster":
+        pg = store or DEFAULT_PG_URL
+        return [Planned({"hub": "hub", "hub-cluster": "hub x2 + redis",
+                         "websockets-redis": "websockets x2 + redis"}.get(n, n), n,
+                        pg if n == "hub" else store) for n in names]
+    return [Planned(n, n, store if n == "hub" else None) for n in names]
 
 
 @contextmanager
-def hub_process(cpu: int | None, store_url: str | None = None
-                ) -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
-    port, admin = _free_port(), _free_port()
-    tmp = tempfile.mkdtemp(prefix="openred-bench-")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRED_HUB_")}
-    env.update({
-        "OPENRED_HUB_SERVER_WS_PORT": str(port), "OPENRED_HUB_SERVER_ADMIN_PORT": str(admin),
-        "OPENRED_HUB_STORE_URL": store_url or f"sqlite:///{tmp}/bench.db",
-        # The bench measures the relay, not the per-session limits: lift them.
-        "OPENRED_HUB_LIMITS_MSGS_PER_S": "10000000", "OPENRED_HUB_LIMITS_BURST": "10000000",
-        "OPENRED_HUB_LIMITS_HANDSHAKES_PER_S": "100000",
-        "OPENRED_HUB_LIMITS_SEND_QUEUE_MAX": "100000",
-        "OPENRED_HUB_LOG_LEVEL": "warning",
-    })
-    cmd = [sys.executable, "-m", "hub", "serve"]
-    if cpu is not None and shutil.which("taskset"):
-        cmd = ["taskset", "-c", str(cpu), *cmd]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("hub did not start") from None
-                time.sleep(0.1)
-        yield "127.0.0.1", port, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+def _target(p: Planned, a: argparse.Namespace) -> Iterator[Target]:
+    if a.url and p.spec == "hub":
+        host, port = a.url.removeprefix("ws://").split("/")[0].rsplit(":", 1)
+        yield Target("hub (running)", [(host, int(port))], [a.pid] if a.pid else [], False)
+        return
+    hub_env = dict(kv.split("=", 1) for kv in a.hub_env)
+    with start_target(p.spec, store_url=p.store_url, redis_url=a.redis_url,
+                      hub_env=hub_env) as t:
+        t.name = p.label
+        yield t
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _median(runs: list[dict[str, Any]], key: str, higher: bool) -> dict[str, Any]:
+    def k(r: dict[str, Any]) -> float:
+        v = r.get(key)
+        if v is None or v != v:
+            return float("-inf") if higher else float("inf")
+        return float(v)
+
+    good = [r for r in runs if not r.get("failed")] or runs
+    ordered = sorted(good, key=k)
+    med = dict(ordered[len(ordered) // 2])
+    med["runs"] = [r.get(key) for r in runs]
+    return med
 
 
-async def direct(host: str, port: int, pairs: int, window: int, body_bytes: int,
-                 seconds: float, hub_pid: int | None) -> dict[str, Any]:
-    body = os.urandom(body_bytes)
-    senders = [await LeanNode.connect(host, port) for _ in range(pairs)]
-    receivers = [await LeanNode.connect(host, port) for _ in range(pairs)]
-    for s, r in zip(senders, receivers, strict=True):
-        frame = client_frame(msgpack.packb({"t": "send", "to": r.node_id, "body": body},
-                                           use_bin_type=True))
+def _ratio(x: Any, y: Any) -> float | None:
+    if not x or not y or x != x or y != y:
+        return None
+    return round(x / y, 2)
 
-        def refill(n: int, s: LeanNode = s, frame: bytes = frame) -> None:
-            s.write(frame * n)
 
-        r.on_messages = refill
-        s.write(frame * window)
-    await asyncio.sleep(min(2.0, seconds / 4))  # warm-up
-    t0, n0 = time.perf_counter(), sum(r.received for r in receivers)
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    hub0 = _cpu_seconds(hub_pid) if hub_pid else None
-    await asyncio.sleep(seconds)
-    t1, n1 = time.perf_counter(), sum(r.received for r in receivers)
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    hub1 = _cpu_seconds(hub_pid) if hub_pid else None
-    for node in senders + receivers:
-        node.on_messages = None
-        if node.transport is not None:
-            node.transport.close()
-    elapsed = t1 - t0
-    gen_cpu = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / elapsed
+def _analyse(a: argparse.Namespace, res: dict[str, dict[str, Any]]) -> tuple[
+        dict[str, Any], dict[str, Any], list[str]]:
+    """Ratios to the same-run baselines, the issue's goals, and notes."""
+    ratios: dict[str, Any] = {}
+    goals: dict[str, Any] = {}
+    notes: list[str] = []
+    res = {name: r for name, r in res.items() if not r.get("failed")}
+    hub = res.get("hub") or res.get("hub (running)")
+    sc = a.scenario
+
+    def goal(name: str, value: Any, met: bool | None, as_specified: bool, want: str) -> None:
+        goals[name] = {"want": want, "value": value, "met": met, "as_specified": as_specified}
+
+    if sc == "direct" and hub:
+        for b in BASELINES:
+            if b in res:
+                r = _ratio(hub["msgs_per_s"], res[b]["msgs_per_s"])
+                ratios[f"hub/{b}"] = r
+                res[b]["ratio"] = r
+        spec_ok = (a.pairs, a.window, a.body_bytes, a.batch) == (50, 32, 64, False)
+        if "websockets" in res:
+            r = ratios["hub/websockets"]
+            goal("direct >= 2x websockets", r, r is not None and r >= 2, spec_ok, ">= 2.0")
+        if "picows" in res:
+            r = ratios["hub/picows"]
+            goal("direct >= 0.8x picows", r, r is not None and r >= 0.8, spec_ok, ">= 0.8")
+        ceiling = res.get("picows-coalesced")
+        if ceiling:
+            ratios["generator_ceiling_msgs_per_s"] = ceiling["msgs_per_s"]
+            ratios["generator_cpu_at_ceiling"] = ceiling["generator_cpu"]
+            headroom = _ratio(ceiling["msgs_per_s"], hub["msgs_per_s"])
+            ratios["ceiling/hub"] = headroom
+            gen = hub.get("generator_cpu") or 0.0
+            text = (f"generator ceiling: {ceiling['msgs_per_s']:,} msgs/s against the "
+                    f"coalescing picows relay at {ceiling['generator_cpu']:.0%} generator CPU; "
+                    f"against the hub ({hub['msgs_per_s']:,} msgs/s) it used {gen:.0%}: ")
+            if headroom and headroom >= 1.2 and gen < 0.8:
+                text += "the generator is not the bottleneck for the hub"
+            elif gen < 0.8:
+                text += ("the coalescing relay did not outrun the hub in this run, but the "
+                         "generator was not saturated either (a busy machine?)")
+            else:
+                text += "the GENERATOR MAY BE THE LIMIT of the hub's number"
+            notes.append(text)
+    elif sc == "latency" and hub:
+        for name, r in res.items():
+            if name != "hub":
+                ratios[f"hub/{name} p99"] = r["ratio"] = _ratio(hub["p99_ms"], r["p99_ms"])
+        goal("latency p99 < 1 ms at 5,000 msg/s", hub["p99_ms"],
+             hub["p99_ms"] is not None and hub["p99_ms"] < 1.0 and hub["lost"] == 0,
+             a.rate == 5000, "< 1 ms, nothing lost")
+    elif sc == "idle" and hub:
+        for name, r in res.items():
+            if name != "hub":
+                ratios[f"hub/{name}"] = r["ratio"] = _ratio(hub["kib_per_session"],
+                                                             r["kib_per_session"])
+        goal("idle <= 12 KiB per session", hub["kib_per_session"],
+             hub["kib_per_session"] <= 12 and hub["alive"] == a.sessions,
+             a.sessions == 10_000, "<= 12 KiB, all sessions alive")
+    elif sc == "fanout" and hub:
+        for name, r in res.items():
+            if name != "hub":
+                ratios[f"hub/{name} p99"] = r["ratio"] = _ratio(hub["p99_ms"], r["p99_ms"])
+        goal("fanout 1 -> 10,000 at 10/s: all delivered, p99 < 50 ms", hub["p99_ms"],
+             hub["all_delivered"] and hub["p99_ms"] < 50,
+             (a.subscribers, a.rate) == (10_000, 10), "all delivered, p99 < 50 ms")
+    elif sc == "cluster":
+        one, two = res.get("hub"), res.get("hub x2 + redis")
+        base = res.get("websockets x2 + redis")
+        if two and base:
+            r = ratios["hub-cluster/websockets-redis"] = _ratio(two["msgs_per_s"],
+                                                                base["msgs_per_s"])
+            goal("cluster >= 2x two-relay Redis baseline", r, r is not None and r >= 2,
+                 (a.pairs, a.window) == (50, 32), ">= 2.0")
+        if two and one:
+            r = ratios["hub-cluster/hub"] = _ratio(two["msgs_per_s"], one["msgs_per_s"])
+            goal("cluster >= 50 % of one instance", r, r is not None and r >= 0.5,
+                 (a.pairs, a.window) == (50, 32), ">= 0.5")
+    elif sc == "storm" and hub:
+        t = hub.get("all_messages_s")
+        goal("storm: all back with their messages within 10 s, zero loss", t,
+             t is not None and t <= 10 and hub["lost"] == 0 and hub["misdelivered"] == 0
+             and hub["refused"] == 0,
+             a.nodes == 10_000, "<= 10 s, lost 0")
+    for result in res.values():
+        gen = result.get("generator_cpu")
+        if gen is not None and gen > 0.9:
+            notes.append(f"{result['target']}: generator at {gen:.0%} CPU: it may be the limit")
+    return ratios, goals, notes
+
+
+def run_scenario(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    spec = SPECS[a.scenario]
+    fn = SCENARIO_FUNCS[a.scenario]
+    plan = _plan(a)
+    env = machine()
+    runs: dict[str, list[dict[str, Any]]] = {p.label: [] for p in plan}
+    problems: list[str] = []
+    for i in range(a.runs):
+        for p in plan:
+            progress.prefix = f"[run {i + 1}/{a.runs}] "
+            progress.set(f"{a.scenario} {p.label}: starting")
+            with _target(p, a) as target:
+                try:
+                    r = asyncio.run(fn(target, a, progress))
+                except Exception as exc:
+                    r = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+                    problems.append(f"{p.label} run {i + 1}: {r['failed']}")
+                r["target"] = p.label
+                runs[p.label].append(r)
+            problems.extend(f"{p.label} run {i + 1}: {x}" for x in target.problems())
+            progress.clear()
+    results = {label: _median(rs, spec.key, spec.higher_is_better) for label, rs in runs.items()}
+    profiles: dict[str, Any] = {}
+    if a.profile:
+        a.profiling = True
+        progress.prefix = "[profile] "
+        for p in plan:
+            if not p.spec.startswith("hub"):
+                continue
+            progress.set(f"{a.scenario} {p.label}: starting")
+            with _target(p, a) as target:
+                try:
+                    r = asyncio.run(fn(target, a, progress))
+                    profiles[p.label] = r.get("profile")
+                except Exception as exc:
+                    problems.append(f"{p.label} profile run: {type(exc).__name__}: {exc}"[:300])
+            progress.clear()
+        a.profiling = False
+    ratios, goals, notes = _analyse(a, results)
+    params = {k: getattr(a, k) for k in ("runs", *PARAMS[a.scenario], "url", "store_url",
+                                         "redis_url", "hub_env") if getattr(a, k)}
     return {
-        "scenario": "direct", "pairs": pairs, "window": window, "body_bytes": body_bytes,
-        "seconds": round(elapsed, 2), "msgs_per_s": round((n1 - n0) / elapsed),
-        "generator_cpu": round(gen_cpu, 3),
-        "hub_cpu": round((hub1 - hub0) / elapsed, 3) if hub0 is not None and hub1 is not None else None,
+        "scenario": a.scenario, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": env, "loadavg_after": round(os.getloadavg()[0], 2),
+        "params": params, "results": results, "ratios": ratios, "goals": goals,
+        "notes": notes, "problems": problems, **({"profiles": profiles} if profiles else {}),
     }
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-async def qos1(host: str, port: int, pairs: int, window: int, body_bytes: int,
-               seconds: float, hub_pid: int | None) -> dict[str, Any]:
-    """QoS 1 stored + delivered + acked: each sender keeps `window` sends awaiting their
-    `ok stored`; each receiver acks what it gets, one ack frame per read (`mids`)."""
-    body = os.urandom(body_bytes)
-    senders = [await LeanNode.connect(host, port) for _ in range(pairs)]
-    receivers = [await LeanNode.connect(host, port) for _ in range(pairs)]
-    latencies: list[float] = []
-    acked = [0]
-    errors: dict[str, int] = {}
-    for s, r in zip(senders, receivers, strict=True):
-        sent_at: dict[int, float] = {}
-        next_id = [0]
-
-        def send_more(n: int, s: LeanNode = s, r: LeanNode = r,
-                      sent_at: dict[int, float] = sent_at, next_id: list[int] = next_id) -> None:
-            now = time.perf_counter()
-            out = []
-            for _ in range(n):
-                next_id[0] += 1
-                sent_at[next_id[0]] = now
-                out.append(client_frame(msgpack.packb(
-                    {"t": "send", "id": next_id[0], "to": r.node_id, "body": body, "qos": 1},
-                    use_bin_type=True)))
-            s.write(b"".join(out))
-
-        def on_reply(payload: bytes, sent_at: dict[int, float] = sent_at,
-                     send_more: Any = send_more) -> None:
-            f = msgpack.unpackb(payload, raw=False)
-            t0 = sent_at.pop(f.get("id"), None)
-            if t0 is not None:
-                latencies.append(time.perf_counter() - t0)
-            if f.get("t") == "error":
-                errors[f["code"]] = errors.get(f["code"], 0) + 1
-            send_more(1)
-
-        mids: list[str] = []
-
-        def on_msg(payload: bytes, mids: list[str] = mids) -> None:
-            mids.append(msgpack.unpackb(payload, raw=False)["mid"])
-
-        def flush_acks(n: int, r: LeanNode = r, mids: list[str] = mids) -> None:
-            if mids:
-                r.send({"t": "ack", "mids": list(mids)})
-                acked[0] += len(mids)
-                mids.clear()
-
-        s.on_payload = on_reply
-        r.on_payload = on_msg
-        r.on_messages = flush_acks
-        send_more(window)
-    await asyncio.sleep(min(2.0, seconds / 4))
-    latencies.clear()
-    t0, n0 = time.perf_counter(), acked[0]
-    hub0 = _cpu_seconds(hub_pid) if hub_pid else None
-    await asyncio.sleep(seconds)
-    t1, n1 = time.perf_counter(), acked[0]
-    hub1 = _cpu_seconds(hub_pid) if hub_pid else None
-    lat = list(latencies)
-    for node in senders + receivers:
-        node.on_messages = node.on_payload = None
-        if node.transport is not None:
-            node.transport.close()
-    elapsed = t1 - t0
-    return {
-        "scenario": "qos1", "pairs": pairs, "window": window, "body_bytes": body_bytes,
-        "seconds": round(elapsed, 2), "msgs_per_s": round((n1 - n0) / elapsed),
-        "ok_p50_ms": round(_percentile(lat, 0.5) * 1000, 2),
-        "ok_p99_ms": round(_percentile(lat, 0.99) * 1000, 2),
-        "errors": errors,
-        "hub_cpu": round((hub1 - hub0) / elapsed, 3) if hub0 is not None and hub1 is not None else None,
-        "generator_cpu": None,
-    }
-
-
-SCENARIOS = {"direct": direct, "qos1": qos1}
-
-
-def _pin_self(cpu: int | None) -> None:
-    if cpu is not None and hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(0, {cpu})
-        except OSError:
-            pass
+def report(record: dict[str, Any], a: argparse.Namespace) -> None:
+    spec = SPECS[record["scenario"]]
+    rows = list(record["results"].values())
+    m = record["machine"]
+    print(f"\n{record['scenario']}: median of {a.runs} run(s), {m['nproc']} cpu {m['cpu']}, "
+          f"Python {m['python']}, load {m['loadavg']} -> {record['loadavg_after']}")
+    print_table(rows, spec.columns)
+    for name, r in record["ratios"].items():
+        print(f"ratio {name}: {r}")
+    for name, g in record["goals"].items():
+        verdict = "met" if g["met"] else "MISSED"
+        cond = "" if g["as_specified"] else " (not measured as specified: see params)"
+        print(f"goal {name}: {g['value']} (want {g['want']}): {verdict}{cond}")
+    for n in record["notes"]:
+        print("note:", n)
+    for label, prof in record.get("profiles", {}).items():
+        if not prof or not prof.get("own"):
+            print(f"profile {label}: {prof}")
+            continue
+        print(f"profile {label} ({prof['samples']} samples, {prof['file']}), own time:")
+        for name, share in prof["own"]:
+            print(f"  {share:6.1%}  {name}")
+    for prob in record["problems"]:
+        print("problem:", prob)
+    for r in rows:
+        if r.get("failed"):
+            print(f"failed: {r['target']}: {r['failed']}")
+    line = json_line(record)
+    print(line)
+    if not a.no_save:
+        path = append_jsonl(line)
+        print(f"(appended to {path})", file=sys.stderr)
+    if a.plot:
+        for path in plot(record["scenario"], record["results"]):
+            print(f"chart: {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("scenario", choices=sorted(SCENARIOS))
-    p.add_argument("--store-url", help="store.url of the hub it starts (default: SQLite)")
-    p.add_argument("--url", help="target a running hub (ws://host:port) instead of starting one")
-    p.add_argument("--pairs", type=int, default=50)
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--body-bytes", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--runs", type=int, default=3, help="runs; the median is reported")
-    args = p.parse_args(argv)
+    a = _parser().parse_args(argv)
+    if a.rate is None:
+        a.rate = 10.0 if a.scenario == "fanout" else 5000.0
+    if a.scenario == "storm" and a.window == 32:
+        a.window = 512
     try:
         import uvloop
 
-        uvloop.install()
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    ncpu = os.cpu_count() or 1
-    hub_cpu, gen_cpu = (0, 1) if ncpu >= 2 else (None, None)
-    _pin_self(gen_cpu)
-    results = []
-    scenario = SCENARIOS[args.scenario]
-    for _ in range(args.runs):
-        if args.url:
-            host, port = args.url.removeprefix("ws://").split("/")[0].split(":")
-            results.append(asyncio.run(scenario(host, int(port), args.pairs, args.window,
-                                                args.body_bytes, args.seconds, None)))
-        else:
-            with hub_process(hub_cpu, args.store_url) as (host, port, proc):
-                results.append(asyncio.run(scenario(host, port, args.pairs, args.window,
-                                                    args.body_bytes, args.seconds, proc.pid)))
-    results.sort(key=lambda r: r["msgs_per_s"])
-    med = results[len(results) // 2]
-    med["runs"] = [r["msgs_per_s"] for r in results]
-    med["machine"] = f"{platform.machine()} {ncpu} cpu, Python {platform.python_version()}"
-    med["date"] = time.strftime("%Y-%m-%d")
-    print(f"{'scenario':10} {'msgs/s':>10} {'hub cpu':>8} {'gen cpu':>8}  runs")
-    print(f"{med['scenario']:10} {med['msgs_per_s']:>10} {med['hub_cpu']!s:>8} "
-          f"{med['generator_cpu']!s:>8}  {med['runs']}")
-    print(json.dumps(med))
-    return 0
+    raise_nofile(NOFILE)
+    _, gen_cpu = cpus()
+    pin_self(gen_cpu)
+    progress = Progress(enabled=not a.quiet)
+    progress.start()
+    try:
+        record = run_scenario(a, progress)
+    except KeyboardInterrupt:
+        progress.stop()
+        print("bench: interrupted (servers stopped, schemas dropped)", file=sys.stderr)
+        return 130
+    finally:
+        progress.stop()
+    report(record, a)
+    failed = [r for r in record["results"].values() if r.get("failed")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--topic", action="append", dest="topics", metavar="PATTERN",
                    help="allowed topic pattern (repeatable; 'a/*' for a prefix)")
     with_config(sub.add_parser("check-config", help="validate the configuration"))
-    b = sub.add_parser("bench", help="run a benchmark scenario (python -m bench)")
+    # add_help=False: `openred-hub bench --help` shows the bench's own help.
+    b = sub.add_parser("bench", help="run a benchmark scenario (python -m bench)",
+                       add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -59,6 +61,11 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # everything after `bench` is the bench's own
+        from bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     cmd = args.command
     if cmd == "keygen":
@@ -72,10 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         print(ident.node_id)
         print(f"wrote {args.path} (node id above)", file=sys.stderr)
         return 0
-    if cmd == "bench":
-        from bench.__main__ import main as bench_main
-
-        return bench_main(args.args)
     try:
         cfg = _load(args)
     except ConfigError as exc:
