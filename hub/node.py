@@ -60,6 +60,8 @@ class HubNode:
         self.clustered = not cfg.broker.url.startswith("memory:")
         self.allowlist = cfg.auth.mode == "allowlist"
         self.send_queue_max = cfg.limits.send_queue_max
+        self.message_ttl_s = cfg.store.message_ttl_s
+        self.verify_body_sig = cfg.auth.verify_body_sig
         self.decode_limits = DecodeLimits(max_body_bytes=cfg.limits.max_body_bytes)
         self.welcome_limits = effective_limits(cfg)
         self.ip_limiter = IpLimiter(cfg.limits.handshakes_per_s, cfg.limits.burst)

@@ -473,7 +473,9 @@ class Session(asyncio.Protocol):
                     self._fail(1002, "expected a continuation frame")
                     return
                 if b0 & 0x80:
-                    if self.state < CLOSING:
+                    if self.state == ACTIVE:
+                        self._handle(payload)
+                    elif self.state < CLOSING:
                         self._on_message(payload)
                 else:
                     self._frag = [payload]
@@ -720,11 +722,10 @@ class Session(asyncio.Protocol):
 
     def _on_send(self, f: Send) -> None:
         hub = self.hub
-        if f.ttl is not None and f.ttl > hub.cfg.store.message_ttl_s:
-            self.reply_error(f.id, E.BAD_FRAME,
-                             f"ttl: must be 1..{hub.cfg.store.message_ttl_s}")
+        if f.ttl is not None and f.ttl > hub.message_ttl_s:
+            self.reply_error(f.id, E.BAD_FRAME, f"ttl: must be 1..{hub.message_ttl_s}")
             return
-        if hub.cfg.auth.verify_body_sig:
+        if hub.verify_body_sig:
             key = self.key
             if key is None:
                 self.reply_error(f.id, E.FORBIDDEN, "sig: this node has no key to verify")
@@ -763,11 +764,13 @@ class Session(asyncio.Protocol):
         hub = self.hub
         target = hub.local.get(f.to)
         if target is not None:
-            hub.metrics.routed["local"] += 1
-            hub.metrics.frames_out["msg"] += 1
+            metrics = hub.metrics
+            metrics.routed["local"] += 1
+            metrics.frames_out["msg"] += 1
             target.push(frame)
             hub.sample_route(self.rx_time)
-            self.reply_ok(f.id, mid=mid, status="sent")
+            if f.id is not None:
+                self.reply_ok(f.id, mid=mid, status="sent")
         elif hub.clustered:
             try:
                 fut = hub.broker.publish_to_node_nowait(f.to, frame, 0, mid, f.id is not None)
