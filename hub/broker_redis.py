@@ -1,5 +1,6 @@
 """The Redis broker: many hub instances as one hub (ARCHITECTURE.md, `broker.url =
-"redis://..."`). It keeps the contract of `hub.broker.Broker`.
+"redis://..."`, `rediss://` for TLS, `?cluster=true` for a Redis Cluster). It keeps the
+contract of `hub.broker.Broker`.
 
 Routing choice: **one channel per connected node** (`<prefix>n:<node id>`), subscribed
 by the instance that holds the node's session, rather than a node -> instance registry
@@ -12,16 +13,40 @@ with per-instance channels. Why:
 - Only the holder of a node receives its traffic, and only instances with local
   subscribers of a topic receive that topic (`<prefix>t:<topic>`): route, don't
   broadcast; nobody decodes traffic meant for others.
+A subscription is confirmed by Redis before `claim` / `interest` return, so whatever is
+published after them reaches this instance (the QoS 1 replay of a new session relies
+on it: what was stored before is read from the store, what comes after arrives here).
 
 Publishing is batched: everything published during one event-loop turn goes out in one
 pipeline (one round trip), and frames bound for the same channel share one PUBLISH
 (a msgpack array of already-encoded frames). One writer task sends the batches one
 after the other, so frames keep their order per (instance, channel) and thus per
-sender -> recipient. One pub/sub connection per instance is read by one task; when Redis
-goes away it reconnects with backoff and subscribes again to everything it held.
+sender -> recipient. One pub/sub connection per instance (per shard on a Cluster) is
+read by one task; when Redis goes away it reconnects with backoff and subscribes again
+to everything it held.
 
-Topic sequences are Redis counters (INCR, atomic cluster wide), floored by the store's
-last sequence so a Redis restart (which loses the counters) never reuses one.
+Topic sequences are Redis counters (INCR in a script, atomic cluster wide) issued in
+call order (one pipeline per loop turn, like publishes): one instance's publications of
+a topic get increasing sequences in the order they were made. A counter is floored by
+the store's last sequence; when the counter is missing (first use, or Redis lost it in
+a restart) the floor is read again from the store, never taken from a cache, so a
+sequence is never reused.
+
+Not promised: topic messages published concurrently on different instances reach a
+subscriber in the order they reach Redis, which may differ from their `seq` order
+(their sequences are still unique and gap-free; one instance's, in order).
+
+Failures: while Redis is unreachable every call raises `BrokerUnavailable` at once
+(nothing waits on connect timeouts); the reader tasks reconnect with backoff (at most
+1 s apart), subscribe again to every channel held (nodes that claimed while Redis was
+down included) and routing resumes as soon as one succeeds.
+
+Redis Cluster (`redis://host:port?cluster=true`, any node as the seed): sharded pub/sub
+(SPUBLISH / SSUBSCRIBE, so a message travels only to the shard owning its channel, not
+to every node) with one pub/sub connection and reader task per master, and keys named
+without hash tags, so sequences, owners and channels spread over all slots. When a
+master fails (or a slot moves) the slot map is read again, the dead master's reader is
+dropped and its channels are subscribed on the masters that own them now.
 """
 
 from __future__ import annotations
@@ -31,24 +56,40 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgpack
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hub.broker import BrokerHandler, BrokerUnavailable
 
-__all__ = ["RedisBroker"]
+__all__ = ["RedisBroker", "parse_redis_url"]
 
 log = logging.getLogger("openred.hub.broker")
 
 MAX_PENDING = 100_000  # frames waiting for the next pipeline; past it, publishes fail fast
 OWNER_TTL_S = 86_400
+CONFIRM_TIMEOUT_S = 2.0  # how long claim/interest wait for Redis to confirm a subscription
+RESUBSCRIBE_CHUNK = 1000
 _NODE, _CONTROL = 0, 1
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_DOWN = (RedisError, RedisClusterException, OSError)
 
-# Atomic "next sequence, never below the store's": a Redis restart loses counters.
+# Atomic "next sequence, never below the store's". ARGV[1] the floor, ARGV[2] "1" when
+# the floor was just read from the store. A missing counter with a cached floor answers
+# -1: the caller reads the floor again (Redis may have lost the counter in a restart).
 _NEXT_SEQ = """
-local v = redis.call('INCR', KEYS[1])
+local v = redis.call('GET', KEYS[1])
+if not v and ARGV[2] ~= '1' then
+  return -1
+end
+v = redis.call('INCR', KEYS[1])
 local floor = tonumber(ARGV[1])
 if v <= floor then
   v = floor + 1
@@ -58,101 +99,475 @@ return v
 """
 
 
+def parse_redis_url(url: str) -> tuple[str, bool]:
+    """Split `broker.url` into the URL for redis-py and whether it names a Cluster
+    (`?cluster=true`). Raises ValueError naming `broker.url` for a bad value."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("broker.url: expected redis://, rediss:// or memory://")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    values = [v.lower() for k, v in query if k == "cluster"]
+    if not values:
+        return url, False
+    if values[-1] not in _TRUE + _FALSE:
+        raise ValueError("broker.url: cluster must be true or false")
+    rest = [(k, v) for k, v in query if k != "cluster"]
+    return urlunsplit(parts._replace(query=urlencode(rest))), values[-1] in _TRUE
+
+
+def _node_url(url: str, host: str, port: int) -> str:
+    """The seed URL with another host:port (credentials, TLS and options kept)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class _Shard:
+    """One pub/sub connection and the one task reading it: the whole Redis, or one
+    master of a Redis Cluster (then SSUBSCRIBE: sharded pub/sub)."""
+
+    def __init__(self, broker: RedisBroker, name: str, client: Any, sharded: bool) -> None:
+        self.broker = broker
+        self.name = name
+        self.client = client
+        self.sharded = sharded
+        self.channels: set[str] = set()
+        self.up = True
+        self.pubsub: Any = None
+        self._confirm: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._added = asyncio.Event()
+        # One (un)subscribe at a time: redis-py's PubSub connects on its first command,
+        # and concurrent first commands each take a connection; all but one would then
+        # hold subscriptions that nobody reads.
+        self._lock = asyncio.Lock()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    def _pubsub(self) -> Any:
+        if self.pubsub is None:
+            self.pubsub = self.client.pubsub()
+        return self.pubsub
+
+    async def subscribe(self, ch: str, wait: bool) -> None:
+        self.channels.add(ch)
+        self._added.set()
+        fut: asyncio.Future[None] | None = None
+        if wait:
+            fut = asyncio.get_running_loop().create_future()
+            self._confirm.setdefault(ch.encode(), []).append(fut)
+        try:
+            async with self._lock:
+                ps = self._pubsub()
+                await (ps.ssubscribe(ch) if self.sharded else ps.subscribe(ch))
+        except _DOWN:
+            # Subscribed again by the reader when Redis is back.
+            if fut is not None:
+                self._drop_waiter(ch, fut)
+            return
+        if fut is not None:
+            try:
+                await asyncio.wait_for(fut, CONFIRM_TIMEOUT_S)
+            except TimeoutError:
+                self._drop_waiter(ch, fut)
+
+    def _drop_waiter(self, ch: str, fut: asyncio.Future[None]) -> None:
+        futs = self._confirm.get(ch.encode())
+        if futs is not None and fut in futs:
+            futs.remove(fut)
+            if not futs:
+                del self._confirm[ch.encode()]
+
+    async def unsubscribe(self, ch: str) -> None:
+        self.channels.discard(ch)
+        try:
+            async with self._lock:
+                ps = self.pubsub
+                if ps is not None:
+                    await (ps.sunsubscribe(ch) if self.sharded else ps.unsubscribe(ch))
+        except _DOWN:
+            pass
+
+    async def _resubscribe(self) -> None:
+        async with self._lock:
+            ps = self._pubsub()
+            channels = list(self.channels)
+            if self.sharded:  # one slot per SSUBSCRIBE (CROSSSLOT otherwise)
+                for ch in channels:
+                    await ps.ssubscribe(ch)
+            else:
+                for i in range(0, len(channels), RESUBSCRIBE_CHUNK):
+                    await ps.subscribe(*channels[i:i + RESUBSCRIBE_CHUNK])
+
+    async def _read_loop(self) -> None:
+        broker = self.broker
+        delay = 0.1
+        while not broker.closing:
+            try:
+                ps = self._pubsub()
+                if not ps.subscribed:
+                    if self.channels:
+                        await self._resubscribe()
+                    else:
+                        self._added.clear()
+                        await self.client.ping()
+                        self._set_up(True)
+                        delay = 0.1
+                        try:
+                            await asyncio.wait_for(self._added.wait(), 1.0)
+                        except TimeoutError:
+                            pass
+                        continue
+                msg = await ps.get_message(timeout=1.0)
+                self._set_up(True)
+                delay = 0.1
+                if msg is None:
+                    continue
+                kind = msg["type"]
+                if kind in ("message", "smessage"):
+                    broker._dispatch(msg["channel"], msg["data"])
+                elif kind in ("subscribe", "ssubscribe"):
+                    for f in self._confirm.pop(msg["channel"], ()):
+                        if not f.done():
+                            f.set_result(None)
+                elif kind == "sunsubscribe" and msg["channel"].decode() in self.channels:
+                    # Redis moved the slot to another master: follow it.
+                    broker._moved(self, msg["channel"].decode())
+            except asyncio.CancelledError:
+                raise
+            except _DOWN as exc:
+                if broker.closing:
+                    return
+                if self.up:
+                    log.warning("redis connection lost", extra={
+                        "event": "broker_down", "shard": self.name, "error": str(exc)})
+                self._set_up(False)
+                await self._reset()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                if self.sharded:  # not awaited: it may retire this very shard
+                    broker._spawn(broker._refresh_topology())
+            except Exception:
+                log.exception("broker message handling failed",
+                              extra={"event": "broker_message_failed"})
+
+    async def _reset(self) -> None:
+        """Drop the pub/sub connection; the next turn makes a fresh one and subscribes
+        again to every channel held."""
+        async with self._lock:
+            ps, self.pubsub = self.pubsub, None
+        if ps is not None:
+            try:
+                await ps.aclose()
+            except Exception:
+                pass
+
+    def _set_up(self, up: bool) -> None:
+        if up and self.up and self.broker.up:
+            return  # the per-message case
+        if up and not self.up:
+            log.info("redis back", extra={"event": "broker_up", "shard": self.name})
+        self.up = up
+        self.broker._shard_state_changed()
+
+    async def close(self) -> None:
+        await self._reset()
+        if self.sharded:  # its own client (a standalone shard shares the broker's)
+            try:
+                await self.client.aclose()
+                await self.client.connection_pool.aclose()
+            except Exception:
+                pass
+
+
 class RedisBroker:
     def __init__(self, url: str, *, hub_id: str = "openred",
                  seed: Callable[[str], Awaitable[int]] | None = None,
                  pool_size: int = 16) -> None:
         self.url = url
+        self._url, self.cluster = parse_redis_url(url)
         self.prefix = f"openred:{hub_id}:"
         self._seed = seed
-        # A blocking pool: redis-py's default pool raises when exhausted (PERF-NOTES).
-        self._pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=5, socket_connect_timeout=2,
-            socket_timeout=5, health_check_interval=10)
-        self._redis = redis.Redis(connection_pool=self._pool)
-        self._pubsub: Any = None
-        self._reader: asyncio.Task[None] | None = None
+        self._pool_size = pool_size
+        # One immediate retry: a pooled connection may be stale after a Redis restart.
+        # Never more, never with backoff: while Redis is down, calls fail fast.
+        self._conn_kw: dict[str, Any] = {
+            "socket_connect_timeout": 2, "socket_timeout": 5,
+            "retry": Retry(NoBackoff(), 1),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
+        self._pool: Any = None
+        self._redis: Any
+        # Direct commands share what the writer, the sequencer and the pub/sub reader
+        # leave of the pool: redis-py's cluster client raises instead of waiting when a
+        # node's pool is exhausted (PERF-NOTES), so the bound is kept here.
+        self._limit = asyncio.Semaphore(max(1, pool_size - 3))
+        if self.cluster:
+            self._redis = RedisCluster.from_url(self._url, max_connections=pool_size,
+                                                **self._conn_kw)
+        else:
+            # A blocking pool: redis-py's default pool raises when exhausted (PERF-NOTES).
+            self._pool = redis.BlockingConnectionPool.from_url(
+                self._url, max_connections=pool_size, timeout=5,
+                health_check_interval=10, **self._conn_kw)
+            self._redis = redis.Redis(connection_pool=self._pool)
+        self._shards: dict[str, _Shard] = {}
         self._writer: asyncio.Task[None] | None = None
+        self._sequencer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._batch: dict[str, list[Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._queued = 0
+        self._seq_wake = asyncio.Event()
+        self._seq_batch: list[tuple[str, asyncio.Future[int]]] = []
         self._handler: BrokerHandler | None = None
-        self._channels: set[str] = set()
         self._floors: dict[str, int] = {}
+        self._unplaced: set[str] = set()
+        self._topology_at = 0.0
         self.instance_id = ""
         self.up = False
-        self._next_seq = self._redis.register_script(_NEXT_SEQ)
+        self.closing = False
+        self.publish_seconds = 0.0
 
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self, instance_id: str, handler: BrokerHandler) -> None:
         self.instance_id = instance_id
         self._handler = handler
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        loop = asyncio.get_running_loop()
+        if self.cluster:
+            # One pub/sub connection per master, each read by its own task.
+            if not await self._discover():
+                log.warning("redis cluster not reachable at start; will keep trying",
+                            extra={"event": "broker_down"})
+                self._spawn(self._discover_forever())
+        else:
+            try:
+                await self._redis.ping()
+                self.up = True
+            except _DOWN:
+                log.warning("redis not reachable at start; will keep trying",
+                            extra={"event": "broker_down"})
+            shard = _Shard(self, "redis", self._redis, sharded=False)
+            self._shards[shard.name] = shard
+            shard.up = self.up
+            shard.start()
+        self._writer = loop.create_task(self._write_loop())
+        self._sequencer = loop.create_task(self._seq_loop())
+
+    async def _discover(self) -> bool:
+        """Redis Cluster: read the slot map and start a shard per master."""
         try:
-            await self._redis.ping()
-            self.up = True
-        except (RedisError, OSError):
-            log.warning("redis not reachable at start; will keep trying",
-                        extra={"event": "broker_down"})
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            await self._redis.initialize()
+            for node in self._redis.get_primaries():
+                self._shard_of_node(node)
+            unplaced, self._unplaced = self._unplaced, set()
+            for ch in unplaced:
+                await self._shard_for(ch).subscribe(ch, wait=False)
+        except _DOWN:
+            return False
+        self._shard_state_changed()
+        return True
+
+    async def _discover_forever(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(1.0)
+            if await self._discover():
+                return
 
     async def close(self) -> None:
-        for task in (self._reader, self._writer):
-            if task is not None:
-                task.cancel()
-        for task in (self._reader, self._writer):
-            if task is not None:
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        self.closing = True
+        tasks = [t for t in (self._writer, self._sequencer, *self._tasks,
+                             *(s.task for s in self._shards.values())) if t is not None]
+        # A redis-py call may swallow a cancellation (it finishes the command, or
+        # asyncio.timeout turns it into a TimeoutError): `closing` ends the loops, the
+        # events wake the idle ones, and what is left is cancelled again.
+        for _ in range(20):
+            for shard in self._shards.values():
+                shard._added.set()
+            self._wake.set()
+            self._seq_wake.set()
+            pending = [t for t in tasks if not t.done()]
+            if not pending:
+                break
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=0.1)
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: a loop that ended on an error is not logged twice
         self._fail_waiters()
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.aclose()
-            except Exception:
-                pass
-        await self._redis.aclose()
-        await self._pool.aclose()
+        for shard in self._shards.values():
+            await shard.close()
+        try:
+            await self._redis.aclose()
+            if self._pool is not None:
+                await self._pool.aclose()
+        except Exception:
+            pass
 
     async def ping(self) -> None:
         try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
+            async with self._limit:
+                await self._redis.ping()
+        except _DOWN as exc:
             raise BrokerUnavailable(str(exc)) from None
+
+    def _check_up(self) -> None:
+        if not self.up:
+            raise BrokerUnavailable("redis unavailable")
+
+    def _shard_state_changed(self) -> None:
+        self.up = bool(self._shards) and all(s.up for s in self._shards.values())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- Redis Cluster topology -----------------------------------------------------
+
+    def _shard_for(self, ch: str) -> _Shard:
+        if not self.cluster:
+            return self._shards["redis"]
+        if not self._shards:
+            raise BrokerUnavailable("redis cluster unavailable")
+        return self._shard_of_node(self._redis.get_node_from_key(ch))
+
+    def _shard_of_node(self, node: Any) -> _Shard:
+        shard = self._shards.get(node.name)
+        if shard is None:
+            # Its pub/sub connection, and presence queries (blocking: they wait).
+            pool = redis.BlockingConnectionPool.from_url(
+                _node_url(self._url, node.host, node.port), max_connections=4, timeout=5,
+                health_check_interval=10, **self._conn_kw)
+            client = redis.Redis(connection_pool=pool)
+            shard = self._shards[node.name] = _Shard(self, node.name, client, sharded=True)
+            shard.start()
+        return shard
+
+    async def _refresh_topology(self) -> None:
+        """After a shard failed or a slot moved: read the slot map again and move every
+        channel to the master that owns it now."""
+        now = time.monotonic()
+        if now - self._topology_at < 1.0:
+            return
+        self._topology_at = now
+        try:
+            await self._redis.nodes_manager.initialize()
+            primaries = {node.name for node in self._redis.get_primaries()}
+            for shard in list(self._shards.values()):
+                if shard.name not in primaries:
+                    # Failed over, or removed: its channels go to their new masters.
+                    del self._shards[shard.name]
+                    if shard.task is not None:
+                        shard.task.cancel()
+                    self._spawn(shard.close())
+                for ch in list(shard.channels):
+                    target = self._shard_for(ch)
+                    if target is not shard:
+                        await shard.unsubscribe(ch)
+                        await target.subscribe(ch, wait=False)
+        except _DOWN:
+            return
+        finally:
+            self._shard_state_changed()
+
+    def _moved(self, shard: _Shard, ch: str) -> None:
+        shard.channels.discard(ch)
+
+        async def follow() -> None:
+            self._topology_at = 0.0
+            await self._refresh_topology()
+            await self._shard_for(ch).subscribe(ch, wait=False)
+
+        self._spawn(follow())
 
     # -- sequences ----------------------------------------------------------------
 
     def _seq_key(self, topic: str) -> str:
         return f"{self.prefix}seq:{topic}"
 
-    async def _floor(self, topic: str) -> int:
-        floor = self._floors.get(topic)
-        if floor is None:
-            floor = await self._seed(topic) if self._seed is not None else 0
-            if len(self._floors) >= 100_000:
-                self._floors.clear()
-            self._floors[topic] = floor
+    async def _fresh_floor(self, topic: str) -> int:
+        floor = await self._seed(topic) if self._seed is not None else 0
+        if len(self._floors) >= 100_000:
+            self._floors.clear()
+        self._floors[topic] = floor
         return floor
 
     async def next_seq(self, topic: str) -> int:
-        floor = await self._floor(topic)
-        try:
-            return int(await self._next_seq(keys=[self._seq_key(topic)], args=[floor]))
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(str(exc)) from None
+        """Issued in call order: queued here, sent with this loop turn's pipeline."""
+        self._check_up()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._seq_batch.append((topic, fut))
+        self._seq_wake.set()
+        return await fut
+
+    async def _seq_loop(self) -> None:
+        while not self.closing:
+            await self._seq_wake.wait()
+            self._seq_wake.clear()
+            await asyncio.sleep(0)
+            batch, self._seq_batch = self._seq_batch, []
+            if not batch:
+                continue
+            try:
+                await self._issue(batch)
+            except asyncio.CancelledError:
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(BrokerUnavailable("broker closed"))
+                raise
+            except Exception as exc:
+                err = BrokerUnavailable(str(exc)) if isinstance(exc, _DOWN) else exc
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(err)
+
+    async def _issue(self, batch: list[tuple[str, asyncio.Future[int]]]) -> None:
+        floors: dict[str, int] = {}
+        fresh: set[str] = set()
+        for topic in {t for t, _ in batch}:
+            cached = self._floors.get(topic)
+            if cached is None:
+                floors[topic] = await self._fresh_floor(topic)
+                fresh.add(topic)
+            else:
+                floors[topic] = cached
+        todo = batch
+        while todo:
+            pipe = self._redis.pipeline(transaction=False)
+            for topic, _ in todo:
+                pipe.eval(_NEXT_SEQ, 1, self._seq_key(topic), floors[topic],
+                          "1" if topic in fresh else "0")
+            results = await pipe.execute(raise_on_error=False)
+            again: list[tuple[str, asyncio.Future[int]]] = []
+            for (topic, fut), res in zip(todo, results, strict=True):
+                if isinstance(res, Exception):
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(str(res)))
+                elif int(res) < 0:
+                    again.append((topic, fut))
+                elif not fut.done():
+                    fut.set_result(int(res))
+            for topic in {t for t, _ in again}:
+                floors[topic] = await self._fresh_floor(topic)
+                fresh.add(topic)
+            todo = again
 
     async def last_seq(self, topic: str) -> int:
+        self._check_up()
         try:
-            v = await self._redis.get(self._seq_key(topic))
-        except (RedisError, OSError) as exc:
+            async with self._limit:
+                v = await self._redis.get(self._seq_key(topic))
+        except _DOWN as exc:
             raise BrokerUnavailable(str(exc)) from None
         if v is None:
-            return await self._floor(topic)
-        return max(int(v), await self._floor(topic))
+            # Never published, or Redis lost the counter: the store knows.
+            return await self._fresh_floor(topic)
+        return int(v)
 
     # -- sessions -------------------------------------------------------------------
 
@@ -161,49 +576,64 @@ class RedisBroker:
 
     async def claim(self, node_id: str, session_id: str) -> None:
         """Become the holder of `node_id`: record the owner (tie-break for a race of two
-        instances), tell any previous holder to close (§2 replace), then subscribe."""
+        instances), tell any previous holder to close (§2 replace), then subscribe and
+        wait for Redis to confirm it. With Redis down it raises BrokerUnavailable, and
+        the node is subscribed all the same as soon as Redis is back."""
         ch = self._node_channel(node_id)
         try:
-            await self._redis.set(f"{self.prefix}owner:{node_id}", session_id, ex=OWNER_TTL_S)
-            await self._redis.publish(ch, msgpack.packb(
-                [self.instance_id, [[_CONTROL, "replace", session_id]]], use_bin_type=True))
-            await self._subscribe(ch)
-        except (RedisError, OSError) as exc:
+            self._check_up()
+            async with self._limit:
+                await self._redis.set(f"{self.prefix}owner:{node_id}", session_id,
+                                      ex=OWNER_TTL_S)
+                await self._publish_now(ch, msgpack.packb(
+                    [self.instance_id, [[_CONTROL, "replace", session_id]]], use_bin_type=True))
+        except (BrokerUnavailable, *_DOWN) as exc:
+            await self._hold(ch)
             raise BrokerUnavailable(str(exc)) from None
+        await self._hold(ch, wait=True)
 
     async def release(self, node_id: str, session_id: str) -> None:
         handler = self._handler
         # The node may have reconnected here already: keep the channel then.
         if handler is not None and getattr(handler, "local", {}).get(node_id) is not None:
             return
-        await self._unsubscribe(self._node_channel(node_id))
+        await self._let_go(self._node_channel(node_id))
 
     async def interest(self, topic: str, on: bool) -> None:
         ch = f"{self.prefix}t:{topic}"
         if on:
-            await self._subscribe(ch)
+            await self._hold(ch, wait=True)
         else:
-            await self._unsubscribe(ch)
+            await self._let_go(ch)
 
-    async def _subscribe(self, ch: str) -> None:
-        self._channels.add(ch)
+    async def _hold(self, ch: str, wait: bool = False) -> None:
+        """Subscribe `ch` (now, or when Redis is reachable again)."""
         try:
-            await self._pubsub.subscribe(ch)
-        except (RedisError, OSError):
-            pass  # resubscribed by the reader when Redis is back
+            shard = self._shard_for(ch)
+        except (BrokerUnavailable, *_DOWN):
+            self._unplaced.add(ch)  # a Cluster not reached yet: placed by _discover
+            return
+        await shard.subscribe(ch, wait)
 
-    async def _unsubscribe(self, ch: str) -> None:
-        self._channels.discard(ch)
+    async def _let_go(self, ch: str) -> None:
+        self._unplaced.discard(ch)
         try:
-            await self._pubsub.unsubscribe(ch)
-        except (RedisError, OSError):
-            pass
+            shard = self._shard_for(ch)
+        except (BrokerUnavailable, *_DOWN):
+            return
+        await shard.unsubscribe(ch)
 
     async def owner(self, node_id: str) -> str | None:
-        v = await self._redis.get(f"{self.prefix}owner:{node_id}")
+        async with self._limit:
+            v = await self._redis.get(f"{self.prefix}owner:{node_id}")
         return v.decode() if isinstance(v, bytes) else v
 
     # -- publishing -----------------------------------------------------------------
+
+    async def _publish_now(self, ch: str, data: bytes) -> int:
+        if self.cluster:
+            return int(await self._redis.execute_command("SPUBLISH", ch, data))
+        return int(await self._redis.publish(ch, data))
 
     def publish_to_node_nowait(self, node_id: str, frame: bytes, qos: int, mid: str,
                                want_result: bool = False) -> asyncio.Future[bool] | None:
@@ -244,7 +674,8 @@ class RedisBroker:
         """One pipeline per batch; the next batch collects while this one is in flight
         (the same group-commit shape as the stores)."""
         origin = self.instance_id
-        while True:
+        command = "SPUBLISH" if self.cluster else "PUBLISH"
+        while not self.closing:
             await self._wake.wait()
             self._wake.clear()
             # Let the rest of this loop turn add to the batch before it is sent.
@@ -258,23 +689,37 @@ class RedisBroker:
             try:
                 pipe = self._redis.pipeline(transaction=False)
                 for ch in channels:
-                    pipe.publish(ch, msgpack.packb([origin, batch[ch]], use_bin_type=True))
+                    pipe.execute_command(command, ch,
+                                         msgpack.packb([origin, batch[ch]], use_bin_type=True))
                 t0 = time.perf_counter()
-                counts = await pipe.execute()
+                counts = await pipe.execute(raise_on_error=False)
                 self.publish_seconds = time.perf_counter() - t0
-            except (RedisError, OSError) as exc:
-                self.up = False
-                log.warning("redis publish failed", extra={"event": "broker_publish_failed",
-                                                           "error": str(exc)})
-                for futs in waiters.values():
-                    for f in futs:
-                        if not f.done():
-                            f.set_exception(BrokerUnavailable("redis unavailable"))
-                continue
+            except asyncio.CancelledError:
+                for ch, futs in waiters.items():  # failed by close()
+                    self._waiters.setdefault(ch, []).extend(futs)
+                raise
+            except Exception as exc:
+                counts = [exc] * len(channels)
+            failed = False
             for ch, n in zip(channels, counts, strict=True):
+                down = isinstance(n, Exception)
+                failed = failed or down
                 for f in waiters.get(ch, ()):
-                    if not f.done():
+                    if f.done():
+                        continue
+                    if down:
+                        f.set_exception(BrokerUnavailable("redis unavailable"))
+                    else:
                         f.set_result(bool(n))
+            if failed:
+                err = next(n for n in counts if isinstance(n, Exception))
+                log.warning("redis publish failed", extra={"event": "broker_publish_failed",
+                                                           "error": str(err)})
+                if isinstance(err, _DOWN):
+                    # Fail fast until a reader sees Redis again.
+                    self.up = False
+                    if self.cluster:
+                        self._spawn(self._refresh_topology())
 
     def _fail_waiters(self) -> None:
         for futs in self._waiters.values():
@@ -282,54 +727,22 @@ class RedisBroker:
                 if not f.done():
                     f.set_exception(BrokerUnavailable("broker closed"))
         self._waiters.clear()
+        for _, seq_fut in self._seq_batch:
+            if not seq_fut.done():
+                seq_fut.set_exception(BrokerUnavailable("broker closed"))
+        self._seq_batch.clear()
 
     # -- receiving ------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        delay = 0.1
-        node_prefix = f"{self.prefix}n:".encode()
-        topic_prefix = f"{self.prefix}t:".encode()
-        while True:
-            try:
-                if not self._pubsub.subscribed:
-                    if self._channels:
-                        await self._pubsub.subscribe(*self._channels)
-                    else:
-                        await self._redis.ping()
-                        self.up = True
-                        delay = 0.1
-                        await asyncio.sleep(0.2)
-                        continue
-                msg = await self._pubsub.get_message(timeout=1.0)
-                if not self.up:
-                    log.info("redis back", extra={"event": "broker_up"})
-                self.up = True
-                delay = 0.1
-                if msg is None or msg.get("type") != "message":
-                    continue
-                ch: bytes = msg["channel"]
-                if ch.startswith(node_prefix):
-                    self._on_node(ch[len(node_prefix):].decode(), msg["data"])
-                elif ch.startswith(topic_prefix):
-                    self._on_topic(ch[len(topic_prefix):].decode(), msg["data"])
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                if self.up:
-                    log.warning("redis connection lost", extra={"event": "broker_down",
-                                                                "error": str(exc)})
-                self.up = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                try:
-                    # Resubscribe everything this instance holds on a fresh connection.
-                    await self._pubsub.aclose()
-                except Exception:
-                    pass
-                self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            except Exception:
-                log.exception("broker message handling failed",
-                              extra={"event": "broker_message_failed"})
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        prefix = self.prefix.encode()
+        if not channel.startswith(prefix):
+            return
+        rest = channel[len(prefix):]
+        if rest.startswith(b"n:"):
+            self._on_node(rest[2:].decode(), data)
+        elif rest.startswith(b"t:"):
+            self._on_topic(rest[2:].decode(), data)
 
     def _on_node(self, node_id: str, data: bytes) -> None:
         handler = self._handler
@@ -339,12 +752,11 @@ class RedisBroker:
         for entry in entries:
             if entry[0] == _NODE:
                 handler.on_node_frame(node_id, entry[3], entry[1], entry[2])
-            elif origin != self.instance_id or entry[1] != "replace":
-                if entry[1] == "replace":
-                    asyncio.get_running_loop().create_task(
-                        self._replace(node_id, entry[2]))
-                else:
-                    handler.on_control(node_id, entry[1], entry[2])
+            elif entry[1] == "replace":
+                if origin != self.instance_id:
+                    self._spawn(self._replace(node_id, entry[2]))
+            else:
+                handler.on_control(node_id, entry[1], entry[2])
 
     async def _replace(self, node_id: str, session_id: str) -> None:
         """Close the local session of `node_id` unless it is the recorded owner: of two
@@ -354,7 +766,7 @@ class RedisBroker:
             return
         try:
             owner = await self.owner(node_id)
-        except (RedisError, OSError):
+        except _DOWN:
             owner = session_id
         handler.on_control(node_id, "replace", owner)
 
@@ -374,8 +786,30 @@ class RedisBroker:
         ids = list(node_ids)
         if not ids:
             return {}
+        self._check_up()
+        channels = [self._node_channel(n) for n in ids]
         try:
-            counts = await self._redis.pubsub_numsub(*[self._node_channel(n) for n in ids])
-        except (RedisError, OSError) as exc:
+            if self.cluster:
+                # A shard channel is counted only by the master owning its slot.
+                by_shard: dict[str, list[str]] = {}
+                for ch in channels:
+                    by_shard.setdefault(self._shard_for(ch).name, []).append(ch)
+                async with self._limit:
+                    parts = await asyncio.gather(*(
+                        self._shards[name].client.execute_command("PUBSUB SHARDNUMSUB", *chs)
+                        for name, chs in by_shard.items()))
+                counts = [pair for part in parts for pair in _pairs(part)]
+            else:
+                async with self._limit:
+                    counts = await self._redis.pubsub_numsub(*channels)
+        except _DOWN as exc:
             raise BrokerUnavailable(str(exc)) from None
-        return {n: bool(c) for n, (_ch, c) in zip(ids, counts, strict=True)}
+        by_channel = {(c.decode() if isinstance(c, bytes) else c): int(n) for c, n in counts}
+        return {n: by_channel.get(ch, 0) > 0 for n, ch in zip(ids, channels, strict=True)}
+
+
+def _pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """`PUBSUB SHARDNUMSUB` as (channel, count) pairs, parsed by redis-py or flat."""
+    if reply and not isinstance(reply[0], (list, tuple)):
+        return list(zip(reply[::2], reply[1::2], strict=True))
+    return [tuple(p) for p in reply]

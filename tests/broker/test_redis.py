@@ -1,0 +1,207 @@
+"""What only the Redis broker has: a Redis that goes away and comes back (a private
+redis-server killed and restarted on the same port), and a Redis Cluster's key and
+channel spread over its masters (a real local 3-master cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from hub.broker import BrokerUnavailable
+from hub.broker_redis import RedisBroker, parse_redis_url
+from tests.broker.conftest import LocalCluster, Recorder, need_cluster, until
+from tests.cluster.conftest import RedisServer, need_binary
+from tests.conftest import timeout
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    need_binary("redis-server")
+    server = RedisServer(tmp_path)
+    await server.start()
+    yield server
+    server.kill()
+
+
+async def started(url: str, hub_id: str, name: str, seed: Any = None) -> tuple[Any, Recorder]:
+    b = RedisBroker(url, hub_id=hub_id, seed=seed)
+    rec = Recorder(name)
+    await b.start(name, rec)
+    return b, rec
+
+
+def test_broker_url_forms() -> None:
+    assert parse_redis_url("redis://h:1/0") == ("redis://h:1/0", False)
+    assert parse_redis_url("rediss://u:p@h:1/0?cluster=true") == ("rediss://u:p@h:1/0", True)
+    assert parse_redis_url("redis://h:1?cluster=false&ssl_cert_reqs=none") == (
+        "redis://h:1?ssl_cert_reqs=none", False)
+    with pytest.raises(ValueError, match=r"broker\.url"):
+        parse_redis_url("redis://h:1?cluster=maybe")
+
+
+async def test_redis_restart(private_redis: RedisServer) -> None:
+    """Redis killed: calls fail fast with BrokerUnavailable (no waiting on timeouts).
+    Restarted on the same port: the brokers reconnect and subscribe again by
+    themselves, routing resumes within 5 s, and sequences continue from the store's
+    floor (the counters were lost with Redis)."""
+    hub_id = f"rr{secrets.token_hex(4)}"
+    store = {"t": 0}
+
+    async def seed(topic: str) -> int:
+        return store.get(topic, 0)
+
+    a, _ra = await started(private_redis.url, hub_id, "a", seed)
+    b, rb = await started(private_redis.url, hub_id, "b", seed)
+    try:
+        await b.claim("n1", "s-b")
+        rb.local["n1"] = object()
+        await b.interest("room", True)
+        for i in range(1, 4):
+            assert await a.next_seq("t") == i
+            store["t"] = i
+        assert await a.publish_to_node("n1", b"before", 0, "m0") is True
+
+        private_redis.kill()
+        t0 = time.monotonic()
+
+        async def fails() -> bool:
+            try:
+                await a.publish_to_node("n1", b"x", 0, "m")
+            except BrokerUnavailable:
+                return True
+            return False
+
+        assert await fails()
+        assert time.monotonic() - t0 < timeout(2.0)
+        for call in (a.next_seq("t"), a.presence(["n1"]), a.ping(), b.claim("n2", "s2")):
+            with pytest.raises(BrokerUnavailable):
+                await call
+        rb.local["n2"] = object()  # the session goes on locally
+        assert time.monotonic() - t0 < timeout(3.0)
+
+        await private_redis.restart()
+        t0 = time.monotonic()
+
+        async def routed() -> bool:
+            try:
+                return await a.publish_to_node("n1", b"after", 0, "m1")
+            except BrokerUnavailable:
+                return False
+
+        while not await routed():
+            assert time.monotonic() - t0 < timeout(5.0), "routing did not resume in 5 s"
+            await asyncio.sleep(0.05)
+        await until(lambda: ("n1", b"after", 0, "m1") in rb.node_frames, what="delivery")
+        # The node that connected while Redis was down is reachable now too.
+        assert await a.publish_to_node("n2", b"late", 0, "m2") is True
+        await until(lambda: ("n2", b"late", 0, "m2") in rb.node_frames, what="delivery")
+        assert (await a.presence(["n1"]))["n1"] is True
+        await a.publish_to_topic("room", 4, b"topic")
+        await until(lambda: ("room", 4, b"topic") in rb.topic_frames, what="topic")
+        assert await a.last_seq("t") == 3
+        assert await a.next_seq("t") == 4
+        assert await b.next_seq("t") == 5
+    finally:
+        t0 = time.monotonic()
+        await a.close()
+        await b.close()
+        assert time.monotonic() - t0 < timeout(3.0)
+
+
+async def test_close_is_prompt_while_redis_is_down(private_redis: RedisServer) -> None:
+    b, _ = await started(private_redis.url, f"cd{secrets.token_hex(4)}", "b")
+    await b.claim("n1", "s")
+    private_redis.kill()
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    await b.close()
+    assert time.monotonic() - t0 < timeout(2.0)
+
+
+async def test_cluster_spreads_keys_and_channels_over_every_master(
+        redis_cluster: LocalCluster | str) -> None:
+    """No hash-slot skew: sequence and owner keys and the sharded node and topic
+    channels of one hub land on all three masters, evenly."""
+    cluster = need_cluster(redis_cluster)
+    hub_id = f"sp{secrets.token_hex(4)}"
+    b, _ = await started(cluster.url, hub_id, "b")
+    n = 300
+    try:
+        await asyncio.gather(*(b.claim(f"node-{i}", f"s{i}") for i in range(n)))
+        await asyncio.gather(*(b.interest(f"room/{i}", True) for i in range(n)))
+        await asyncio.gather(*(b.next_seq(f"room/{i}") for i in range(n)))
+        keys, channels = [], []
+        for port in cluster.ports:
+            r = redis.Redis(port=port)
+            try:
+                keys.append(len([k async for k in r.scan_iter(match=f"openred:{hub_id}:*")]))
+                channels.append(len(await r.execute_command(
+                    "PUBSUB SHARDCHANNELS", f"openred:{hub_id}:*")))
+            finally:
+                await r.aclose()
+        assert sum(keys) == 2 * n and sum(channels) == 2 * n, (keys, channels)
+        for count in keys + channels:
+            assert 0.2 * 2 * n < count < 0.47 * 2 * n, (keys, channels)
+        # Presence asks each channel's own master.
+        online = await b.presence([f"node-{i}" for i in range(n)] + ["nobody"])
+        assert sum(online.values()) == n and online["nobody"] is False
+    finally:
+        await b.close()
+        for port in cluster.ports:
+            r = redis.Redis(port=port)
+            try:
+                for k in [k async for k in r.scan_iter(match=f"openred:{hub_id}:*")]:
+                    await r.delete(k)
+            finally:
+                await r.aclose()
+
+
+async def test_cluster_failover_moves_subscriptions_to_the_new_master(
+        tmp_path: Path, redis_cluster: LocalCluster | str) -> None:
+    """A master of a Cluster with replicas dies: once its replica has taken over, the
+    broker reads the new slot map, drops the dead shard, subscribes the channels it
+    held on the new master, and routing to those nodes works again."""
+    need_cluster(redis_cluster)  # the binaries are there
+    cluster = LocalCluster(tmp_path, replicas=1)
+    cluster.start()
+    hub_id = f"fo{secrets.token_hex(4)}"
+    a, _ = await started(cluster.url, hub_id, "a")
+    b, rb = await started(cluster.url, hub_id, "b")
+    try:
+        nodes = [f"node-{i}" for i in range(30)]
+        for n in nodes:
+            await b.claim(n, "s")
+            rb.local[n] = object()
+        assert all((await a.presence(nodes)).values())
+        victim = b._shard_for(b._node_channel(nodes[0])).name
+        port = int(victim.rsplit(":", 1)[1])
+        on_victim = [n for n in nodes if b._shard_for(b._node_channel(n)).name == victim]
+        cluster.kill(port)
+
+        async def all_routed() -> bool:
+            try:
+                return all([await a.publish_to_node(n, b"x", 0, "m") for n in nodes])
+            except BrokerUnavailable:
+                return False
+
+        t0 = time.monotonic()
+        while not await all_routed():
+            assert time.monotonic() - t0 < timeout(20.0), "no recovery after the failover"
+            await asyncio.sleep(0.2)
+        assert victim not in b._shards
+        await until(lambda: {f[0] for f in rb.node_frames} >= set(on_victim),
+                    what="frames for the nodes of the dead master")
+        assert b.up and a.up
+    finally:
+        await a.close()
+        await b.close()
+        cluster.stop()
