@@ -101,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:  # port taken, unreadable db path...
         return _fail(f"cannot start: {exc}")
+    except Exception as exc:
+        from hub.broker import BrokerUnavailable
+        from persistence.store import StoreError
+
+        if isinstance(exc, StoreError | BrokerUnavailable):  # e.g. PostgreSQL unreachable
+            print(f"openred-hub: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 def _token(cfg: Config, args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from functools import partial
 from typing import Any
 
 from hub.broker import Broker, MemoryBroker
@@ -79,6 +80,7 @@ class HubNode:
         self.accepting = True
         self._all_closed: asyncio.Event | None = None
         self._route_n = 0
+        self._interest: dict[str, asyncio.Future[Any]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
 
@@ -312,13 +314,25 @@ class HubNode:
 
     # -- topics (§5) ----------------------------------------------------------------
 
-    def subscribe(self, session: Session, topic: str) -> None:
+    def subscribe(self, session: Session, topic: str) -> asyncio.Future[Any] | None:
+        """Add a local subscriber. In a cluster, returns the pending broker subscription
+        of the topic (shared by all who subscribe meanwhile): `sub` answers only once
+        other instances' publications reach this one."""
         subs = self.topics.get(topic)
         if subs is None:
             subs = self.topics[topic] = set()
             if self.clustered:
-                self.background(self.broker.interest(topic, True))
+                pending = asyncio.ensure_future(self.broker.interest(topic, True))
+                self._interest[topic] = pending
+                pending.add_done_callback(partial(self._interest_done, topic))
         subs.add(session)
+        return self._interest.get(topic)
+
+    def _interest_done(self, topic: str, fut: asyncio.Future[Any]) -> None:
+        if self._interest.get(topic) is fut:
+            del self._interest[topic]
+        if not fut.cancelled() and fut.exception() is not None:
+            log.warning("topic subscription failed", extra={"event": "interest_failed"})
 
     def unsubscribe(self, session: Session, topic: str) -> None:
         self._drop_subscriber(session, topic)

@@ -934,9 +934,15 @@ class Session(asyncio.Protocol):
             return
         rec = _Recovery()
         self.topics[topic] = rec  # live messages are held from now on
-        if not held:
-            hub.subscribe(self, topic)
+        pending = None if held else hub.subscribe(self, topic)
         try:
+            if pending is not None:
+                try:
+                    await asyncio.shield(pending)
+                except Exception:
+                    # Broker down: local subscribers still get local publications; the
+                    # broker subscribes the topic when it is back.
+                    pass
             entries = []
             if f.since is not None:
                 now = time.time_ns() // 1_000_000
