@@ -116,3 +116,36 @@ class RawNode:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def eventually(pred: Any, wait: float = 2.0) -> None:
+    """Poll `pred()` (a bool, or an awaitable of one) until true, within `wait` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout(wait)
+    while True:
+        v = pred()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
+            return
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def no_frame(node: RawNode, wait: float = 0.3) -> None:
+    """Assert that nothing arrives within `wait` seconds."""
+    try:
+        f = await node.recv(wait)
+    except TimeoutError:
+        return
+    raise AssertionError(f"unexpected frame {f}")
+
+
+async def recv_msgs(node: RawNode, n: int, wait: float = 5.0) -> list[dict[str, Any]]:
+    """The next `n` msg frames (other frames are skipped)."""
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        f = await node.recv(wait)
+        if f["t"] == "msg":
+            out.append(f)
+    return out

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
 from tests.conftest import timeout
-from tests.hub.nodes import RawNode
+from tests.hub.nodes import RawNode, eventually
 
 FAST = {"limits.msgs_per_s": 1_000_000, "limits.burst": 1_000_000,
         "limits.handshakes_per_s": 100_000}
@@ -68,18 +68,6 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "key": values, "sig2": values, "token": values, "batch": values, "meta": values,
     "v": values, "from": values, "seq": values, "t2": values,
 }
-async def eventually(pred: Any, wait: float = 2.0) -> None:
-    """Poll `pred()` (a bool, or an awaitable of one) until true, within `wait` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout(wait)
-    while True:
-        v = pred()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 VALID_ID, BAD_ID, NO_ID, NIL_ID = range(4)

@@ -10,44 +10,12 @@ import struct
 from typing import Any
 
 import msgpack
-import pytest
 
 from protocol.identity import Identity
 from tests.conftest import timeout
-from tests.hub.nodes import RawNode
+from tests.hub.nodes import RawNode, eventually, no_frame, recv_msgs
 
 MID_LEN = 26
-
-
-async def eventually(pred: Any, wait: float = 2.0) -> None:
-    """Poll `pred()` (a bool, or an awaitable of one) until true, within `wait` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout(wait)
-    while True:
-        v = pred()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-async def no_frame(node: RawNode, wait: float = 0.3) -> None:
-    """Assert that nothing arrives within `wait` seconds."""
-    with pytest.raises(TimeoutError):
-        f = await node.recv(wait)
-        raise AssertionError(f"unexpected frame {f}")
-
-
-async def recv_msgs(node: RawNode, n: int, wait: float = 5.0) -> list[dict[str, Any]]:
-    """The next `n` msg frames (other frames are skipped)."""
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        f = await node.recv(wait)
-        if f["t"] == "msg":
-            out.append(f)
-    return out
 
 
 async def test_qos0_send_ok_and_delivery(hub):

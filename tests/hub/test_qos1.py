@@ -8,27 +8,10 @@ import socket
 import time
 from typing import Any
 
-import pytest
-
 from protocol.identity import Identity
-from tests.hub.nodes import RawNode
+from tests.hub.nodes import RawNode, no_frame, recv_msgs
 
 MID_LEN = 26
-
-
-async def no_frame(node: RawNode, wait: float = 0.3) -> None:
-    with pytest.raises(TimeoutError):
-        f = await node.recv(wait)
-        raise AssertionError(f"unexpected frame {f}")
-
-
-async def recv_msgs(node: RawNode, n: int, wait: float = 5.0) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        f = await node.recv(wait)
-        if f["t"] == "msg":
-            out.append(f)
-    return out
 
 
 async def send_q1(a: RawNode, to: str, bodies: list[bytes], **extra: Any) -> list[str]:

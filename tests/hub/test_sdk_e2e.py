@@ -12,7 +12,7 @@ from typing import Any
 from protocol.client import Client, Message, Receipt
 from protocol.identity import Identity
 from tests.conftest import timeout
-from tests.hub.nodes import RawNode
+from tests.hub.nodes import RawNode, eventually
 
 
 def ws_url(hub: Any) -> str:
@@ -23,20 +23,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def eventually(pred: Any, wait: float = 2.0) -> None:
-    """Poll `pred()` (a bool, or an awaitable of one) until true, within `wait` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout(wait)
-    while True:
-        v = pred()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def next_msg(c: Client, wait: float = 5.0) -> Message:

@@ -6,25 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from tests.conftest import timeout
-from tests.hub.nodes import RawNode
-
-
-async def no_frame(node: RawNode, wait: float = 0.3) -> None:
-    with pytest.raises(TimeoutError):
-        f = await node.recv(wait)
-        raise AssertionError(f"unexpected frame {f}")
-
-
-async def recv_msgs(node: RawNode, n: int, wait: float = 5.0) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        f = await node.recv(wait)
-        if f["t"] == "msg":
-            out.append(f)
-    return out
+from tests.hub.nodes import RawNode, no_frame, recv_msgs
 
 
 async def publish(node: RawNode, topic: str, n: int, start: int = 0) -> list[dict[str, Any]]:
