@@ -325,8 +325,7 @@ def test_key_file_is_private_detects_group_readable(tmp_path: Path) -> None:
     assert not key_file_is_private(path)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX only")
 def test_key_file_is_private_missing(tmp_path: Path) -> None:
-    if os.name != "posix":
-        pytest.skip("POSIX only")
     with pytest.raises(KeyFileError):
         key_file_is_private(tmp_path / "missing.key")
