@@ -80,6 +80,8 @@ class HubNode:
         self.accepting = True
         self._all_closed: asyncio.Event | None = None
         self._route_n = 0
+        self._dirty: list[Session] = []
+        self._dirty_scheduled = False
         self._interest: dict[str, asyncio.Future[Any]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
@@ -384,6 +386,21 @@ class HubNode:
         if session is not None:
             session.reply_ok(fid, mid=mid, seq=seq)
         return mid, seq
+
+    def mark_dirty(self, session: Session) -> None:
+        """A session has frames to write: all such sessions are flushed by one callback
+        at the end of this loop iteration (a fan-out to 10,000 sessions schedules one
+        callback, not 10,000)."""
+        self._dirty.append(session)
+        if not self._dirty_scheduled:
+            self._dirty_scheduled = True
+            self.loop.call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._dirty_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for s in dirty:
+            s._flush()
 
     def sample_route(self, rx_time: float) -> None:
         """route_seconds: one message in 256 is timed from its read to the write of

@@ -307,7 +307,7 @@ class Session(asyncio.Protocol):
             return
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self.hub.mark_dirty(self)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -603,7 +603,7 @@ class Session(asyncio.Protocol):
         self._out.insert(0, welcome)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self.hub.mark_dirty(self)
         self.state = ACTIVE
 
     def _handle(self, data: bytes) -> None:
