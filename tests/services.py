@@ -12,14 +12,16 @@ import os
 
 import pytest
 
-__all__ = ["need_pg", "need_redis"]
+__all__ = ["missing", "need_pg", "need_redis"]
+
+
+def missing(msg: str) -> None:
+    """A service or binary the test needs is absent: skip, but fail under CI=true."""
+    (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(msg)  # CI guard
 
 
 def _missing(what: str, var: str) -> None:
-    msg = f"{what} is not available ({var} is unset; run the suite through scripts/test)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
+    missing(f"{what} is not available ({var} is unset; run the suite through scripts/test)")
 
 
 def need_pg() -> str:
