@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "MemoryBroker", "open_broker"]
 
@@ -86,6 +86,7 @@ class MemoryBroker:
     def __init__(self, seed: Callable[[str], Awaitable[int]] | None = None) -> None:
         self._seq: dict[str, int] = {}
         self._seeding: dict[str, asyncio.Future[int]] = {}
+        self._ordered: dict[str, list[Any]] = {}  # topic -> [lock, callers queued]
         self._seed = seed
 
     async def start(self, instance_id: str, handler: BrokerHandler) -> None:
@@ -99,11 +100,30 @@ class MemoryBroker:
 
     async def next_seq(self, topic: str) -> int:
         seq = self._seq.get(topic)
-        if seq is None:
-            seq = await self.last_seq(topic)
-        seq += 1
-        self._seq[topic] = seq
-        return seq
+        if seq is not None and topic not in self._ordered:
+            seq += 1  # the hot path: no await, so callers get sequences in call order
+            self._seq[topic] = seq
+            return seq
+        # The topic's sequence must be read from the store first. Everyone who asks
+        # meanwhile queues on one lock (asyncio.Lock is FIFO and lets no newcomer pass a
+        # waiter), so sequences follow call order, also for callers that arrive after
+        # the read finished but before the earlier waiters resumed.
+        entry = self._ordered.get(topic)
+        if entry is None:
+            entry = self._ordered[topic] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        async with entry[0]:
+            try:
+                seq = self._seq.get(topic)
+                if seq is None:
+                    seq = await self.last_seq(topic)
+                seq += 1
+                self._seq[topic] = seq
+                return seq
+            finally:
+                entry[1] -= 1
+                if entry[1] == 0 and self._ordered.get(topic) is entry:
+                    del self._ordered[topic]
 
     async def last_seq(self, topic: str) -> int:
         seq = self._seq.get(topic)

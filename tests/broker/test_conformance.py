@@ -277,3 +277,30 @@ async def test_many_concurrent_claims_on_a_fresh_instance(brokers: Brokers) -> N
     if brokers.clustered:
         await until(lambda: len(rb.node_frames) == n, what="a frame at every node")
         assert {f[0] for f in rb.node_frames} == {f"n{i}" for i in range(n)}
+
+
+async def test_memory_sequences_follow_call_order_while_seeding() -> None:
+    """Publishes that arrive while a topic's sequence is read from the store, or just
+    after the read finished but before the first caller resumed, still get sequences
+    in call order (a regression: the first publish once got seq 6)."""
+    from hub.broker import MemoryBroker
+
+    release = asyncio.Event()
+
+    async def seed(topic: str) -> int:
+        await release.wait()
+        return 40
+
+    broker = MemoryBroker(seed)
+    got: list[tuple[int, int]] = []
+
+    async def publish(i: int) -> None:
+        got.append((i, await broker.next_seq("t")))
+
+    first = asyncio.create_task(publish(0))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.sleep(0)  # the seed read finishes; the first caller has not resumed
+    rest = [asyncio.create_task(publish(i)) for i in range(1, 6)]
+    await asyncio.gather(first, *rest)
+    assert sorted(got, key=lambda p: p[1]) == [(i, 41 + i) for i in range(6)]
