@@ -34,7 +34,6 @@ class Metrics:
         self.rate_limited = 0
         self.slow_consumer_disconnects = 0
         self.auth_failures: defaultdict[str, int] = defaultdict(int)
-        self.audit_dropped = 0
         buckets_fast = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1)
         self.route_seconds = Histogram(
             PREFIX + "route_seconds", "Receive-to-write time of routed messages (sampled).",

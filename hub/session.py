@@ -97,7 +97,7 @@ class Session(asyncio.Protocol):
         "_ctl_task", "_drained", "_fast", "_flush_scheduled", "_flushes", "_frag",
         "_frag_size", "_handshake", "_hello_timer", "_inflight", "_out", "_q1_tail",
         "_rbuf", "_read_paused", "_refused", "_refused_since", "_tasks", "_write_paused",
-        "batch_out", "challenge_at", "hub", "ip", "key", "last_ping", "last_rx", "loop",
+        "batch_out", "hub", "ip", "key", "last_ping", "last_rx", "loop",
         "node_id", "registered", "rx_time", "session_id", "state", "topics",
         "topics_allowed",
         "transport", "ws",
@@ -127,7 +127,6 @@ class Session(asyncio.Protocol):
         self.last_rx = self.loop.time()
         self.last_ping = self.last_rx
         self.rx_time = self.last_rx  # when the frames being handled were read
-        self.challenge_at = 0.0
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._write_paused = False
@@ -280,7 +279,6 @@ class Session(asyncio.Protocol):
             reader_buf.clear()
             self.ws = None  # not needed any more: frees its parser and buffers
         self._write_now(self._handshake.challenge())
-        self.challenge_at = self.loop.time()
         self._hello_timer = self.loop.call_later(hub.cfg.auth.hello_timeout_s,
                                                  self._hello_timeout)
 
