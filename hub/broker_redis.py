@@ -68,15 +68,20 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hub.broker import BrokerHandler, BrokerUnavailable
+from hub.redis_wire import RespConnection, RespError, command, open_resp
 
 __all__ = ["RedisBroker", "parse_redis_url"]
 
 log = logging.getLogger("openred.hub.broker")
+packb = msgpack.Packer(use_bin_type=True).pack
 
 MAX_PENDING = 100_000  # frames waiting for the next pipeline; past it, publishes fail fast
 OWNER_TTL_S = 86_400
 CONFIRM_TIMEOUT_S = 2.0  # how long claim/interest wait for Redis to confirm a subscription
 RESUBSCRIBE_CHUNK = 1000
+HEARTBEAT_S = 5.0  # a silent pub/sub connection is PINGed, and dropped after 3x this
+PUBLISH_TIMEOUT_S = 5.0  # a pipeline not answered by then: the connection is dropped
+_PING = command("PING")
 _NODE, _CONTROL = 0, 1
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _DOWN = (RedisError, RedisClusterException, OSError)
@@ -124,52 +129,43 @@ def _node_url(url: str, host: str, port: int) -> str:
 
 
 class _Shard:
-    """One pub/sub connection and the one task reading it: the whole Redis, or one
-    master of a Redis Cluster (then SSUBSCRIBE: sharded pub/sub)."""
+    """The whole Redis, or one master of a Redis Cluster (then SSUBSCRIBE / SPUBLISH:
+    sharded pub/sub): one pub/sub connection, read in `data_received`, and one
+    connection for this instance's pipelined publishes, both kept up by one task."""
 
     def __init__(self, broker: RedisBroker, name: str, client: Any, sharded: bool) -> None:
         self.broker = broker
         self.name = name
-        self.client = client
+        self.client = client  # redis-py: settings for the raw connections, presence
         self.sharded = sharded
+        self.publish_cmd = b"SPUBLISH" if sharded else b"PUBLISH"
+        self._sub_cmd = b"SSUBSCRIBE" if sharded else b"SUBSCRIBE"
+        self._unsub_cmd = b"SUNSUBSCRIBE" if sharded else b"UNSUBSCRIBE"
         self.channels: set[str] = set()
-        self.up = True
-        self.pubsub: Any = None
+        self.up = False
+        self.sub: RespConnection | None = None
+        self.pub: RespConnection | None = None
         self._confirm: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._added = asyncio.Event()
-        # One (un)subscribe at a time: redis-py's PubSub connects on its first command,
-        # and concurrent first commands each take a connection; all but one would then
-        # hold subscriptions that nobody reads.
-        self._lock = asyncio.Lock()
         self.task: asyncio.Task[None] | None = None
+        self.tried = asyncio.Event()  # set once the first connection attempt is over
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._read_loop())
-
-    def _pubsub(self) -> Any:
-        if self.pubsub is None:
-            self.pubsub = self.client.pubsub()
-        return self.pubsub
+        self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def subscribe(self, ch: str, wait: bool) -> None:
         self.channels.add(ch)
-        self._added.set()
+        sub = self.sub
+        if sub is None or not sub.open:
+            return  # subscribed with the others when the connection is back
         fut: asyncio.Future[None] | None = None
         if wait:
             fut = asyncio.get_running_loop().create_future()
             self._confirm.setdefault(ch.encode(), []).append(fut)
-        try:
-            async with self._lock:
-                ps = self._pubsub()
-                await (ps.ssubscribe(ch) if self.sharded else ps.subscribe(ch))
-        except _DOWN:
-            # Subscribed again by the reader when Redis is back.
-            if fut is not None:
-                self._drop_waiter(ch, fut)
-            return
+        sub.write(command(self._sub_cmd, ch))
         if fut is not None:
             try:
-                await asyncio.wait_for(fut, CONFIRM_TIMEOUT_S)
+                async with asyncio.timeout(CONFIRM_TIMEOUT_S):
+                    await fut
             except TimeoutError:
                 self._drop_waiter(ch, fut)
 
@@ -182,98 +178,103 @@ class _Shard:
 
     async def unsubscribe(self, ch: str) -> None:
         self.channels.discard(ch)
+        sub = self.sub
+        if sub is not None:
+            sub.write(command(self._unsub_cmd, ch))
+
+    def _subscribe_all(self, sub: RespConnection) -> None:
+        """Every channel held, in one write."""
+        channels = list(self.channels)
+        if self.sharded:  # one slot per SSUBSCRIBE (CROSSSLOT otherwise)
+            sub.write(b"".join(command(self._sub_cmd, ch) for ch in channels))
+        else:
+            sub.write(b"".join(command(self._sub_cmd, *channels[i:i + RESUBSCRIBE_CHUNK])
+                               for i in range(0, len(channels), RESUBSCRIBE_CHUNK)))
+
+    def _on_push(self, value: Any) -> None:
+        if type(value) is not list or len(value) < 3:
+            return  # PONG
+        kind = value[0]
         try:
-            async with self._lock:
-                ps = self.pubsub
-                if ps is not None:
-                    await (ps.sunsubscribe(ch) if self.sharded else ps.unsubscribe(ch))
-        except _DOWN:
-            pass
+            if kind == b"message" or kind == b"smessage":
+                self.broker._dispatch(value[1], value[2])
+            elif kind == b"subscribe" or kind == b"ssubscribe":
+                for f in self._confirm.pop(value[1], ()):
+                    if not f.done():
+                        f.set_result(None)
+            elif kind == b"sunsubscribe" and value[1].decode() in self.channels:
+                # Redis moved the slot to another master: follow it.
+                self.broker._moved(self, value[1].decode())
+        except Exception:
+            log.exception("broker message handling failed",
+                          extra={"event": "broker_message_failed"})
 
-    async def _resubscribe(self) -> None:
-        async with self._lock:
-            ps = self._pubsub()
-            channels = list(self.channels)
-            if self.sharded:  # one slot per SSUBSCRIBE (CROSSSLOT otherwise)
-                for ch in channels:
-                    await ps.ssubscribe(ch)
-            else:
-                for i in range(0, len(channels), RESUBSCRIBE_CHUNK):
-                    await ps.subscribe(*channels[i:i + RESUBSCRIBE_CHUNK])
-
-    async def _read_loop(self) -> None:
+    async def _run(self) -> None:
         broker = self.broker
         delay = 0.1
         while not broker.closing:
             try:
-                ps = self._pubsub()
-                if not ps.subscribed:
-                    if self.channels:
-                        await self._resubscribe()
-                    else:
-                        self._added.clear()
-                        await self.client.ping()
-                        self._set_up(True)
-                        delay = 0.1
-                        try:
-                            await asyncio.wait_for(self._added.wait(), 1.0)
-                        except TimeoutError:
-                            pass
-                        continue
-                msg = await ps.get_message(timeout=1.0)
+                pool = self.client.connection_pool
+                sub = await open_resp(pool, self._on_push)
+                try:
+                    pub = await open_resp(pool)
+                except BaseException:
+                    sub.close()
+                    raise
+                self.sub, self.pub = sub, pub
+                self._subscribe_all(sub)
                 self._set_up(True)
+                self.tried.set()
                 delay = 0.1
-                if msg is None:
-                    continue
-                kind = msg["type"]
-                if kind in ("message", "smessage"):
-                    broker._dispatch(msg["channel"], msg["data"])
-                elif kind in ("subscribe", "ssubscribe"):
-                    for f in self._confirm.pop(msg["channel"], ()):
-                        if not f.done():
-                            f.set_result(None)
-                elif kind == "sunsubscribe" and msg["channel"].decode() in self.channels:
-                    # Redis moved the slot to another master: follow it.
-                    broker._moved(self, msg["channel"].decode())
+                await self._watch(sub, pub)
+                error = "connection lost"
             except asyncio.CancelledError:
+                self._close_connections()
                 raise
-            except _DOWN as exc:
-                if broker.closing:
-                    return
-                if self.up:
-                    log.warning("redis connection lost", extra={
-                        "event": "broker_down", "shard": self.name, "error": str(exc)})
-                self._set_up(False)
-                await self._reset()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                if self.sharded:  # not awaited: it may retire this very shard
-                    broker._spawn(broker._refresh_topology())
-            except Exception:
-                log.exception("broker message handling failed",
-                              extra={"event": "broker_message_failed"})
+            except (*_DOWN, TimeoutError) as exc:
+                error = str(exc) or type(exc).__name__
+            self.tried.set()
+            self._close_connections()
+            if broker.closing:
+                return
+            if self.up:
+                log.warning("redis connection lost", extra={
+                    "event": "broker_down", "shard": self.name, "error": error})
+            self._set_up(False)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            if self.sharded:  # not awaited: it may retire this very shard
+                broker._spawn(broker._refresh_topology())
 
-    async def _reset(self) -> None:
-        """Drop the pub/sub connection; the next turn makes a fresh one and subscribes
-        again to every channel held."""
-        async with self._lock:
-            ps, self.pubsub = self.pubsub, None
-        if ps is not None:
-            try:
-                await ps.aclose()
-            except Exception:
-                pass
+    async def _watch(self, sub: RespConnection, pub: RespConnection) -> None:
+        """Return when either connection is gone, or the pub/sub one has been silent
+        (not even answering PING) for too long: a half-open TCP connection."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.wait((sub.lost, pub.lost), timeout=HEARTBEAT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not (sub.open and pub.open):
+                return
+            silent = loop.time() - sub.last_rx
+            if silent > 3 * HEARTBEAT_S:
+                return
+            if silent >= HEARTBEAT_S:
+                sub.write(_PING)
+
+    def _close_connections(self) -> None:
+        for conn in (self.sub, self.pub):
+            if conn is not None:
+                conn.close()
+        self.sub = self.pub = None
 
     def _set_up(self, up: bool) -> None:
-        if up and self.up and self.broker.up:
-            return  # the per-message case
-        if up and not self.up:
+        if up and not self.up and self.tried.is_set():
             log.info("redis back", extra={"event": "broker_up", "shard": self.name})
         self.up = up
         self.broker._shard_state_changed()
 
     async def close(self) -> None:
-        await self._reset()
+        self._close_connections()
         if self.sharded:  # its own client (a standalone shard shares the broker's)
             try:
                 await self.client.aclose()
@@ -344,16 +345,13 @@ class RedisBroker:
                             extra={"event": "broker_down"})
                 self._spawn(self._discover_forever())
         else:
-            try:
-                await self._redis.ping()
-                self.up = True
-            except _DOWN:
-                log.warning("redis not reachable at start; will keep trying",
-                            extra={"event": "broker_down"})
             shard = _Shard(self, "redis", self._redis, sharded=False)
             self._shards[shard.name] = shard
-            shard.up = self.up
             shard.start()
+            await shard.tried.wait()
+            if not self.up:
+                log.warning("redis not reachable at start; will keep trying",
+                            extra={"event": "broker_down"})
         self._writer = loop.create_task(self._write_loop())
         self._sequencer = loop.create_task(self._seq_loop())
 
@@ -361,8 +359,8 @@ class RedisBroker:
         """Redis Cluster: read the slot map and start a shard per master."""
         try:
             await self._redis.initialize()
-            for node in self._redis.get_primaries():
-                self._shard_of_node(node)
+            shards = [self._shard_of_node(node) for node in self._redis.get_primaries()]
+            await asyncio.gather(*(shard.tried.wait() for shard in shards))
             unplaced, self._unplaced = self._unplaced, set()
             for ch in unplaced:
                 await self._shard_for(ch).subscribe(ch, wait=False)
@@ -385,8 +383,6 @@ class RedisBroker:
         # asyncio.timeout turns it into a TimeoutError): `closing` ends the loops, the
         # events wake the idle ones, and what is left is cancelled again.
         for _ in range(20):
-            for shard in self._shards.values():
-                shard._added.set()
             self._wake.set()
             self._seq_wake.set()
             pending = [t for t in tasks if not t.done()]
@@ -671,10 +667,8 @@ class RedisBroker:
         return fut
 
     async def _write_loop(self) -> None:
-        """One pipeline per batch; the next batch collects while this one is in flight
-        (the same group-commit shape as the stores)."""
-        origin = self.instance_id
-        command = "SPUBLISH" if self.cluster else "PUBLISH"
+        """One pipeline per shard per batch, the next batch collecting while this one is
+        in flight (the same group-commit shape as the stores)."""
         while not self.closing:
             await self._wake.wait()
             self._wake.clear()
@@ -685,25 +679,19 @@ class RedisBroker:
             self._queued = 0
             if not batch:
                 continue
-            channels = list(batch)
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for ch in channels:
-                    pipe.execute_command(command, ch,
-                                         msgpack.packb([origin, batch[ch]], use_bin_type=True))
                 t0 = time.perf_counter()
-                counts = await pipe.execute(raise_on_error=False)
+                results = await self._publish(batch, retry_moved=self.cluster)
                 self.publish_seconds = time.perf_counter() - t0
             except asyncio.CancelledError:
                 for ch, futs in waiters.items():  # failed by close()
                     self._waiters.setdefault(ch, []).extend(futs)
                 raise
-            except Exception as exc:
-                counts = [exc] * len(channels)
-            failed = False
-            for ch, n in zip(channels, counts, strict=True):
+            error: Exception | None = None
+            for ch, n in results.items():
                 down = isinstance(n, Exception)
-                failed = failed or down
+                if isinstance(n, Exception):
+                    error = n
                 for f in waiters.get(ch, ()):
                     if f.done():
                         continue
@@ -711,15 +699,54 @@ class RedisBroker:
                         f.set_exception(BrokerUnavailable("redis unavailable"))
                     else:
                         f.set_result(bool(n))
-            if failed:
-                err = next(n for n in counts if isinstance(n, Exception))
+            if error is not None:
                 log.warning("redis publish failed", extra={"event": "broker_publish_failed",
-                                                           "error": str(err)})
-                if isinstance(err, _DOWN):
-                    # Fail fast until a reader sees Redis again.
-                    self.up = False
-                    if self.cluster:
-                        self._spawn(self._refresh_topology())
+                                                           "error": str(error)})
+
+    async def _publish(self, batch: dict[str, list[Any]],
+                       retry_moved: bool) -> dict[str, int | Exception]:
+        """(S)PUBLISH each channel's entries as one message, one write per shard;
+        the receiver count per channel, or the error. On a Cluster, channels answered
+        MOVED (a slot changed masters) are sent once more after the slot map is read."""
+        origin = self.instance_id
+        results: dict[str, int | Exception] = {}
+        by_shard: dict[_Shard, list[str]] = {}
+        for ch in batch:
+            try:
+                by_shard.setdefault(self._shard_for(ch), []).append(ch)
+            except BrokerUnavailable as exc:
+                results[ch] = exc
+        sent = []
+        for shard, chans in by_shard.items():
+            if not shard.tried.is_set():  # a Cluster master just found
+                await shard.tried.wait()
+            conn = shard.pub
+            if conn is None or not conn.open:
+                for ch in chans:
+                    results[ch] = BrokerUnavailable("redis unavailable")
+                continue
+            cmd = shard.publish_cmd
+            data = b"".join([command(cmd, ch, packb([origin, batch[ch]])) for ch in chans])
+            sent.append((conn, chans, conn.send(data, len(chans))))
+        for conn, chans, fut in sent:
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    replies = await fut
+            except (*_DOWN, TimeoutError) as exc:
+                conn.close()  # the shard's task connects again
+                for ch in chans:
+                    results[ch] = exc
+                continue
+            for ch, reply in zip(chans, replies, strict=True):
+                results[ch] = reply
+        if retry_moved:
+            moved = {ch: batch[ch] for ch, r in results.items()
+                     if isinstance(r, RespError) and str(r).startswith(("MOVED", "ASK"))}
+            if moved:
+                self._topology_at = 0.0
+                await self._refresh_topology()
+                results.update(await self._publish(moved, retry_moved=False))
+        return results
 
     def _fail_waiters(self) -> None:
         for futs in self._waiters.values():
