@@ -161,8 +161,13 @@ class LeanNode(asyncio.Protocol):
         return self.state == "open" and not self.lost and self.close_code is None
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+        # Usually a read holds whole frames: parse it as it came, copying nothing.
+        buf: bytes | bytearray
+        if not self.buf and self.state == "open":
+            buf = data
+        else:
+            buf = self.buf
+            buf += data
         if self.state == "http":
             end = buf.find(b"\r\n\r\n")
             if end < 0:
@@ -172,7 +177,7 @@ class LeanNode(asyncio.Protocol):
                     self.ready.set_exception(
                         ConnectionError(bytes(buf[:40]).decode(errors="replace")))
                 return
-            del buf[: end + 4]
+            del self.buf[: end + 4]
             if self.plain_id is not None:
                 self.send({"t": "hello", "node": self.plain_id, **self.hello_extra})
                 self.state = "welcome"
@@ -213,7 +218,11 @@ class LeanNode(asyncio.Protocol):
             elif op == 0x9:  # ping: answer with a pong carrying the same data
                 payload = bytes(buf[start:pos])
                 self.write(bytes((0x8A, 0x80 | len(payload))) + b"\x00" * 4 + payload)
-        del buf[:pos]
+        if buf is data:
+            if pos < n_buf:
+                self.buf += data[pos:]
+        else:
+            del self.buf[:pos]
         if count:
             self.received += count
             if self.on_messages is not None:

@@ -354,8 +354,21 @@ async def fanout(target: Target, a: argparse.Namespace, progress: Progress) -> d
     errors: Counter[str] = Counter()
     measured = b"\x01"
 
+    # 10,000 deliveries a publish make the generator's per-message cost count: a
+    # single `msg` frame is read from its body's field (found by its msgpack header:
+    # key "body", bin 8 of the known size) instead of being decoded whole.
+    body_tag = b"\xa4body\xc4" + bytes((a.body_bytes,)) if a.body_bytes < 256 else None
+
     def on_payload(payload: bytes) -> None:
         now = ns()
+        if body_tag is not None and payload[1:7] == b"\xa1t\xa3msg":
+            i = payload.find(body_tag)
+            if i > 0:
+                i += len(body_tag)
+                if payload[i + 8:i + 9] == measured:
+                    delivered[0] += 1
+                    lat.append(now - read_stamp(payload[i:i + 8]))
+                return
         for f in frames_of(payload):
             t = f.get("t")
             if t == "msg":
