@@ -217,7 +217,7 @@ def _median(runs: list[dict[str, Any]], key: str, higher: bool) -> dict[str, Any
 def _ratio(x: Any, y: Any) -> float | None:
     if not x or not y or x != x or y != y:
         return None
-    return round(x / y, 2)
+    return round(float(x) / float(y), 2)
 
 
 def _analyse(a: argparse.Namespace, res: dict[str, dict[str, Any]]) -> tuple[
@@ -236,16 +236,15 @@ def _analyse(a: argparse.Namespace, res: dict[str, dict[str, Any]]) -> tuple[
     if sc == "direct" and hub:
         for b in BASELINES:
             if b in res:
-                r = _ratio(hub["msgs_per_s"], res[b]["msgs_per_s"])
-                ratios[f"hub/{b}"] = r
-                res[b]["ratio"] = r
+                ratios[f"hub/{b}"] = res[b]["ratio"] = _ratio(hub["msgs_per_s"],
+                                                             res[b]["msgs_per_s"])
         spec_ok = (a.pairs, a.window, a.body_bytes, a.batch) == (50, 32, 64, False)
         if "websockets" in res:
-            r = ratios["hub/websockets"]
-            goal("direct >= 2x websockets", r, r is not None and r >= 2, spec_ok, ">= 2.0")
+            rw = ratios["hub/websockets"]
+            goal("direct >= 2x websockets", rw, rw is not None and rw >= 2, spec_ok, ">= 2.0")
         if "picows" in res:
-            r = ratios["hub/picows"]
-            goal("direct >= 0.8x picows", r, r is not None and r >= 0.8, spec_ok, ">= 0.8")
+            rp = ratios["hub/picows"]
+            goal("direct >= 0.8x picows", rp, rp is not None and rp >= 0.8, spec_ok, ">= 0.8")
         ceiling = res.get("picows-coalesced")
         if ceiling:
             ratios["generator_ceiling_msgs_per_s"] = ceiling["msgs_per_s"]
@@ -290,13 +289,13 @@ def _analyse(a: argparse.Namespace, res: dict[str, dict[str, Any]]) -> tuple[
         one, two = res.get("hub"), res.get("hub x2 + redis")
         base = res.get("websockets x2 + redis")
         if two and base:
-            r = ratios["hub-cluster/websockets-redis"] = _ratio(two["msgs_per_s"],
-                                                                base["msgs_per_s"])
-            goal("cluster >= 2x two-relay Redis baseline", r, r is not None and r >= 2,
+            rb = ratios["hub-cluster/websockets-redis"] = _ratio(two["msgs_per_s"],
+                                                                 base["msgs_per_s"])
+            goal("cluster >= 2x two-relay Redis baseline", rb, rb is not None and rb >= 2,
                  (a.pairs, a.window) == (50, 32), ">= 2.0")
         if two and one:
-            r = ratios["hub-cluster/hub"] = _ratio(two["msgs_per_s"], one["msgs_per_s"])
-            goal("cluster >= 50 % of one instance", r, r is not None and r >= 0.5,
+            ro = ratios["hub-cluster/hub"] = _ratio(two["msgs_per_s"], one["msgs_per_s"])
+            goal("cluster >= 50 % of one instance", ro, ro is not None and ro >= 0.5,
                  (a.pairs, a.window) == (50, 32), ">= 0.5")
     elif sc == "storm" and hub:
         t = hub.get("all_messages_s")

@@ -203,15 +203,13 @@ async def direct(target: Target, a: argparse.Namespace, progress: Progress) -> d
     for s, r in zip(senders, receivers, strict=True):
         s.on_payload = on_reply
         payload = packb({"t": "send", "to": r.node_id, "body": body})
-        if a.batch:
-            def refill(n: int, s: LeanNode = s, payload: bytes = payload) -> None:
-                s.write(client_frame(_batch_header(n) + payload * n))
-        else:
-            frame = client_frame(payload)
+        def refill_batch(n: int, s: LeanNode = s, payload: bytes = payload) -> None:
+            s.write(client_frame(_batch_header(n) + payload * n))
 
-            def refill(n: int, s: LeanNode = s, frame: bytes = frame) -> None:
-                s.write(frame * n)
+        def refill_frames(n: int, s: LeanNode = s, frame: bytes = client_frame(payload)) -> None:
+            s.write(frame * n)
 
+        refill = refill_batch if a.batch else refill_frames
         r.on_messages = refill
         refill(a.window)
 
