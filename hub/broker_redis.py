@@ -68,7 +68,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hub.broker import BrokerHandler, BrokerUnavailable
-from hub.redis_wire import RespConnection, RespError, command, open_resp
+from hub.broker_resp import RespConnection, RespError, command, open_resp
 
 __all__ = ["RedisBroker", "parse_redis_url"]
 
