@@ -1,4 +1,4 @@
-"""The broker's own RESP connection (hub/redis_wire.py): replies cut anywhere by TCP,
+"""The broker's own RESP connection (hub/broker_resp.py): replies cut anywhere by TCP,
 error replies, big replies, pipelines against the real Redis; and `broker.url`'s
 credentials and TLS, honoured by it exactly as by redis-py, against a private
 redis-server with a password, an ACL user and a TLS port."""
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from hub.broker_redis import RedisBroker
-from hub.redis_wire import RespConnection, RespError, command, open_resp
+from hub.broker_resp import RespConnection, RespError, command, open_resp
 from tests.broker.conftest import Recorder, until
 from tests.cluster.conftest import _wait_port, free_port, need_binary
 from tests.services import need_redis
