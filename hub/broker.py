@@ -17,7 +17,9 @@ Contract every implementation keeps (checked by one conformance suite):
   holder on another instance gets `on_control(node, "replace", session)`.
 - `control(node, command)` reaches the instance holding the node (kick, ban).
 - A broker that cannot reach its backend raises `BrokerUnavailable`; local delivery
-  never depends on it.
+  never depends on it. When the backend is reachable again, the broker calls its
+  handler's `on_broker_up()` (if the handler has one): whatever was published meanwhile
+  was lost, and QoS 1 stored meanwhile must be read from the store again.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class BrokerHandler(Protocol):
     def on_topic_frame(self, topic: str, seq: int, frame: bytes) -> None: ...
 
     def on_control(self, node_id: str, command: str, session_id: str | None) -> None: ...
+
+    def on_broker_up(self) -> None:
+        """Optional: the backend is reachable again (each down-to-up transition; a
+        broker that starts down may also call it on its first connection). Called from
+        the broker's own task, so it must neither block nor raise. Brokers look it up
+        with getattr: a handler without it keeps working."""
 
 
 class Broker(Protocol):

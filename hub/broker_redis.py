@@ -416,7 +416,13 @@ class RedisBroker:
             raise BrokerUnavailable("redis unavailable")
 
     def _shard_state_changed(self) -> None:
+        was_up = self.up
         self.up = bool(self._shards) and all(s.up for s in self._shards.values())
+        if self.up and not was_up:
+            # What was published while down is lost: the hub re-reads QoS 1 (hub/broker.py).
+            on_up = getattr(self._handler, "on_broker_up", None)
+            if on_up is not None:
+                on_up()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

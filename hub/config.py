@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from hub.forwarded import parse_network
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
@@ -128,6 +130,22 @@ def _check_host(value: str) -> str:
     if not value or any(c.isspace() for c in value):
         raise _Bad("must be a host name or IP address")
     return value
+
+
+_PROXIES_ALLOWED: Final = "must be a list of IP addresses or CIDR networks (e.g. 10.0.0.0/8)"
+
+
+def _check_trusted_proxies(value: tuple[str, ...]) -> tuple[str, ...]:
+    result: list[str] = []
+    for item in value:
+        try:
+            net = parse_network(item)
+        except ValueError as exc:
+            # 10.1.2.3/8 is a typo for 10.0.0.0/8 or for 10.1.2.3: refuse to guess.
+            hint = " (host bits set)" if "host bits" in str(exc) else ""
+            raise _Bad(f"{_PROXIES_ALLOWED}, got {item!r}{hint}") from None
+        result.append(str(net))
+    return tuple(result)
 
 
 def _check_file(value: str | None) -> str | None:
@@ -274,6 +292,10 @@ class ServerConfig:
     tls_key: str | None = _key(None, check=_check_file)
     compression: bool = _key(False)
     shutdown_grace_s: float = _key(10.0, ge=0)
+    # Reverse proxies whose X-Forwarded-For is believed (hub/forwarded.py).
+    trusted_proxies: tuple[str, ...] = _key(
+        (), check=_check_trusted_proxies, allowed=_PROXIES_ALLOWED
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,14 +9,17 @@ other instances, and the target of operator actions (kick, ban, server-side send
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
+from collections import deque
 from functools import partial
 from typing import Any
 
-from hub.broker import Broker, MemoryBroker
+from hub.broker import Broker, BrokerUnavailable, MemoryBroker
 from hub.config import Config, effective_limits
+from hub.forwarded import TrustedProxies
 from hub.metrics import Metrics
 from hub.ratelimit import IpLimiter
 from hub.session import ACTIVE, AUTH, CLOSING, Session
@@ -42,6 +45,12 @@ log = logging.getLogger("openred.hub")
 
 MEMORY_SEQ_TOPICS = 100_000  # topic sequences cached by the memory broker
 ADMIN_SENDER = "$admin"  # §4: outside the node id alphabet, so no node can claim it
+# Broker control command: "read this node's stored QoS 1 queue again" (HubNode.resync).
+# An instance that does not know it ignores it (on_control).
+RESYNC = "resync"
+UNACKED_TRACKED = 10_000
+MAX_UNREACHED = 100_000  # recipients remembered for a resync hint (memory bound)
+HINT_CHUNK = 1000  # resync hints queued per loop turn (one broker pipeline each)
 
 
 def _now_ms() -> int:
@@ -61,11 +70,16 @@ class HubNode:
         self.clustered = not cfg.broker.url.startswith("memory:")
         self.allowlist = cfg.auth.mode == "allowlist"
         self.send_queue_max = cfg.limits.send_queue_max
+        # QoS 1 mids a session remembers as written and unacked (Session._in_flight):
+        # no more than a node may have pending, and never more than UNACKED_TRACKED, so
+        # a node that never acks costs at most about 1 MB here.
+        self.max_unacked = min(cfg.limits.max_pending_per_node, UNACKED_TRACKED)
         self.message_ttl_s = cfg.store.message_ttl_s
         self.verify_body_sig = cfg.auth.verify_body_sig
         self.decode_limits = DecodeLimits(max_body_bytes=cfg.limits.max_body_bytes)
         self.welcome_limits = effective_limits(cfg)
         self.ip_limiter = IpLimiter(cfg.limits.handshakes_per_s, cfg.limits.burst)
+        self.trusted_proxies = TrustedProxies(cfg.server.trusted_proxies)
         self.ws_extensions: list[Any] | None = None
         if cfg.server.compression:
             from websockets.extensions.permessage_deflate import (
@@ -85,6 +99,16 @@ class HubNode:
         self._interest: dict[str, asyncio.Future[Any]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
+        # Sessions waiting to read their stored queue again, and how many read now: at
+        # most half the store's pool, the rest stays for live traffic.
+        self._resync_wait: deque[Session] = deque()
+        self._resync_queued: set[Session] = set()
+        self._resync_running = 0
+        self._resync_limit = max(1, cfg.store.pool_size // 2)
+        # Recipients of QoS 1 that this instance stored but could not hand to the
+        # broker: when it is back, their holders are told to resync.
+        self._unreached: set[str] = set()
+        self._hinting = False
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -155,6 +179,8 @@ class HubNode:
                 elif now - s.last_ping >= hb:
                     s.last_ping = now
                     s.send_ping()
+            if self._unreached and not self._hinting:
+                self.background(self._send_resync_hints())
             if tick % 60 == 0:
                 try:
                     await self.store.purge_expired(_now_ms())
@@ -262,12 +288,29 @@ class HubNode:
             target.push_q1(mid, frame)
             return
         if self.clustered:
+            if node_id in self._unreached:
+                # An earlier message to it is stored unsent: this one must not overtake
+                # it (§4 order). Both go with the resync when the broker is back.
+                self.metrics.routed["queued"] += 1
+                return
             try:
                 if await self.publish_to_node(node_id, frame, 1, mid):
                     return
+            except BrokerUnavailable:
+                # Stored. The node may be online on another instance: it gets this once
+                # the broker is back (on_broker_up), not only at its next session.
+                self._note_unreached(node_id)
             except Exception:
                 pass  # stored: delivered on the node's next session
         self.metrics.routed["queued"] += 1
+
+    def _note_unreached(self, node_id: str) -> None:
+        if len(self._unreached) < MAX_UNREACHED:
+            self._unreached.add(node_id)
+        elif node_id not in self._unreached:
+            # Past the bound, the node gets it at its next session (or when its own
+            # instance sees the broker come back), as before resync hints existed.
+            log.debug("resync hint dropped", extra={"event": "resync_hint_dropped"})
 
     def push_to_sender(self, node_id: str, frame: bytes) -> None:
         target = self.local.get(node_id)
@@ -447,6 +490,75 @@ class HubNode:
         s.close(code, reason, bye=encode_bye(reason))
         return True
 
+    # -- QoS 1 after a broker outage ----------------------------------------------------
+
+    def resync(self, session: Session) -> None:
+        """Have a session read its stored QoS 1 queue again and get what it has not got
+        in flight. Sessions take turns: at most `_resync_limit` read the store at once,
+        so 10,000 sessions do not fire 10,000 queries when the broker comes back."""
+        if session in self._resync_queued or not session.request_resync():
+            return
+        self._resync_queued.add(session)
+        self._resync_wait.append(session)
+        self._next_resyncs()
+
+    def _next_resyncs(self) -> None:
+        while self._resync_wait and self._resync_running < self._resync_limit:
+            session = self._resync_wait.popleft()
+            self._resync_queued.discard(session)
+            task = session.start_resync()
+            if task is not None:
+                self._resync_running += 1
+                task.add_done_callback(self._resync_done)
+
+    def _resync_done(self, _task: asyncio.Task[Any]) -> None:
+        self._resync_running -= 1
+        self._next_resyncs()
+
+    def on_broker_up(self) -> None:
+        """The broker is reachable again (hub/broker.py). QoS 1 messages stored while it
+        was not, for nodes online on some instance, were never brought to them: every
+        local session reads its queue again, and the holders of nodes this instance
+        could not reach are told to do the same (their instance may not have seen the
+        broker go away at all)."""
+        try:
+            for s in list(self.local.values()):
+                self.resync(s)
+            if self._unreached and not self._hinting:
+                self.background(self._send_resync_hints())
+        except Exception:  # called from the broker's reader: never break it
+            log.exception("resync after broker outage failed",
+                          extra={"event": "resync_failed"})
+
+    async def _send_resync_hints(self) -> None:
+        """Tell the holders of the unreached nodes to resync them, a chunk at a time
+        (the hints of one chunk share a broker round trip). Stops when the broker
+        refuses a whole chunk; on_broker_up or housekeeping (every second, for a broker
+        that refused while it was up, e.g. its backlog full) starts it again."""
+        if self._hinting:
+            return
+        self._hinting = True
+        try:
+            while self._unreached:
+                chunk = list(itertools.islice(self._unreached, HINT_CHUNK))
+                sent = await asyncio.gather(*(self._send_resync_hint(n) for n in chunk))
+                if not any(sent):
+                    return
+        finally:
+            self._hinting = False
+
+    async def _send_resync_hint(self, node_id: str) -> bool:
+        # Forgotten in the same step as the hint is queued: a message routed after this
+        # goes through the broker behind the hint (§4 order); one routed before was
+        # stored before, so the holder's read finds it.
+        self._unreached.discard(node_id)
+        try:
+            await self.broker.control(node_id, RESYNC)
+        except Exception:
+            self._note_unreached(node_id)
+            return False
+        return True
+
     # -- broker handler (traffic from other instances) --------------------------------
 
     def on_node_frame(self, node_id: str, frame: bytes, qos: int, mid: str) -> None:
@@ -471,6 +583,8 @@ class HubNode:
             s.close(E.CLOSE_KICKED, "kicked", bye=encode_bye("kicked"))
         elif command == "ban":
             s.close(E.CLOSE_FORBIDDEN, "banned", bye=encode_bye("banned"))
+        elif command == RESYNC:
+            self.resync(s)
 
 
 def _reason_label(reason: str) -> str:

@@ -93,10 +93,11 @@ class _Recovery:
 class Session(asyncio.Protocol):
     # Slots: thousands of idle sessions per process, each without an instance dict.
     __slots__ = (
-        "_backlog", "_backlog_overflow", "_bucket", "_close_sent", "_close_timer", "_ctl",
-        "_ctl_task", "_drained", "_fast", "_flush_scheduled", "_flushes", "_frag",
-        "_frag_size", "_handshake", "_hello_timer", "_inflight", "_out", "_q1_tail",
-        "_rbuf", "_read_paused", "_refused", "_refused_since", "_tasks", "_write_paused",
+        "_acked_in_replay", "_backlog", "_backlog_overflow", "_bucket", "_close_sent",
+        "_close_timer", "_ctl", "_ctl_task", "_drained", "_fast", "_flush_scheduled",
+        "_flushes", "_frag", "_frag_size", "_handshake", "_hello_timer", "_inflight", "_out",
+        "_q1_tail", "_rbuf", "_read_paused", "_refused", "_refused_since", "_replay_again",
+        "_replaying", "_tasks", "_unacked", "_unacked_lost", "_write_paused",
         "batch_out", "hub", "ip", "key", "last_ping", "last_rx", "loop",
         "node_id", "registered", "rx_time", "session_id", "state", "topics",
         "topics_allowed",
@@ -146,6 +147,14 @@ class Session(asyncio.Protocol):
         self._ctl_task: asyncio.Task[None] | None = None
         self._backlog: dict[str, bytes] | None = None  # QoS 1 held while the queue replays
         self._backlog_overflow = False
+        # QoS 1 mids written to this session and not acked by it: a resync (HubNode.resync)
+        # must not write them again. Created on the first QoS 1 message (idle sessions
+        # stay small); None with `_unacked_lost` once it outgrew what a queue can hold.
+        self._unacked: set[str] | None = None
+        self._unacked_lost = False
+        self._acked_in_replay: set[str] | None = None  # see _on_ack
+        self._replaying = False  # a replay of the stored queue is queued or running
+        self._replay_again = False  # ... and one more pass is wanted after it
         self._flushes = 0
         # After the upgrade, frames are parsed here rather than by the protocol object
         # (PERF-NOTES: websockets' generator-based Frame.parse is the largest cost of a
@@ -261,6 +270,11 @@ class Session(asyncio.Protocol):
         if path != WS_PATH:
             ws.send_response(ws.reject(404, "Not Found\n"))
             return
+        if hub.trusted_proxies:
+            # Behind a trusted proxy the peer is the proxy: limit and audit the client
+            # it names (hub/forwarded.py), never a header from anyone else.
+            self.ip = hub.trusted_proxies.client_ip(
+                self.ip, request.headers.get_all("X-Forwarded-For"))
         if not hub.ip_limiter.allow(self.ip, self.loop.time()):
             hub.metrics.handshakes["rate_limited"] += 1
             ws.send_response(ws.reject(429, "Too Many Requests\n"))
@@ -839,17 +853,92 @@ class Session(asyncio.Protocol):
             elif not self._backlog_overflow:
                 backlog[mid] = frame
             return
+        if not self._in_flight(mid):
+            return  # a resync wrote it already (and may have been overtaken by the broker)
         self.hub.metrics.frames_out["msg"] += 1
         self.push(frame)
         self.hub.store.mark_delivered_nowait([mid], time.time_ns() // 1_000_000)
 
+    def _in_flight(self, mid: str) -> bool:
+        """Record that `mid` is being written to this session; False when it already was
+        and is not acked: docs/protocol.md §4, the hub does not retransmit within a
+        session (a client may take a repeat for a lost ack and process it twice)."""
+        unacked = self._unacked
+        if unacked is None:
+            if self._unacked_lost:
+                return True
+            unacked = self._unacked = set()
+        elif mid in unacked:
+            return False
+        if len(unacked) >= self.hub.max_unacked:
+            # More than the store lets a node have pending (some of these expired
+            # unacked, and which ones cannot be told here), or more than is worth the
+            # memory: stop tracking and, with it, resyncs of this session
+            # (request_resync); its stored messages come at its next session.
+            self._unacked = None
+            self._unacked_lost = True
+            return True
+        unacked.add(mid)
+        return True
+
     def hold_live_q1(self) -> None:
         """Hold live QoS 1 messages until `replay_queue` has delivered the stored ones."""
         self._backlog = {}
+        self._backlog_overflow = False
 
     async def replay_queue(self) -> None:
         """§4: deliver stored QoS 1 messages in their original order, then switch to
         live delivery with no gap and no duplicate."""
+        self._replaying = True
+        await self._replay(resync=False)
+
+    def request_resync(self) -> bool:
+        """The stored queue may hold messages that never reached this session (stored
+        while the broker could not bring them): hold live QoS 1 from now on, so that
+        they come first (§4 order) when the queue is read again. True when the hub
+        should schedule that read (`start_resync`); False when none is needed or one is
+        coming anyway."""
+        if self.state != ACTIVE or self._unacked_lost:
+            return False
+        if self._replaying:
+            # The replay running now may have read past them already: one more pass.
+            self._replay_again = True
+            return False
+        if self._backlog is None:
+            self.hold_live_q1()
+        return True
+
+    def start_resync(self) -> asyncio.Task[Any] | None:
+        """Read the stored queue again and write what this session has not got in
+        flight (its turn in HubNode's bounded resync queue has come)."""
+        if self.state != ACTIVE:
+            return None
+        if self._replaying:
+            self._replay_again = True
+            return None
+        self._replaying = True  # now, not when the task starts: no second pass meanwhile
+        return self.spawn(self._replay(resync=True))
+
+    async def _replay(self, resync: bool) -> None:
+        try:
+            while True:
+                await self._replay_pass(resync)
+                if not self._replay_again or self.state != ACTIVE:
+                    return
+                # Asked for while this pass ran: hold live QoS 1 again before any of it
+                # can be written (no await since the pass ended).
+                self._replay_again = False
+                resync = True
+                if self._backlog is None:
+                    self.hold_live_q1()
+        finally:
+            self._replaying = False
+            self._replay_again = False
+            acked, self._acked_in_replay = self._acked_in_replay, None
+            if acked and self._unacked is not None:
+                self._unacked.difference_update(acked)
+
+    async def _replay_pass(self, resync: bool) -> None:
         hub = self.hub
         store = hub.store
         if self._backlog is None:
@@ -867,17 +956,22 @@ class Session(asyncio.Protocol):
                 mids = []
                 for m in page:
                     backlog.pop(m.mid, None)
-                    self.push(encode_msg(m.mid, m.sender, m.body, m.created, 1, m.sig))
-                    mids.append(m.mid)
+                    if self._in_flight(m.mid):  # a resync skips what is unacked in flight
+                        self.push(encode_msg(m.mid, m.sender, m.body, m.created, 1, m.sig))
+                        mids.append(m.mid)
                 hub.metrics.frames_out["msg"] += len(mids)
                 if mids:
                     store.mark_delivered_nowait(mids, now)
-                    after = mids[-1]
+                if page:
+                    after = page[-1].mid
                 if (len(page) < page_size and not self._backlog_overflow
                         and len(self._out) + len(backlog) <= hub.send_queue_max):
                     # Everything stored before this read was in the pages; what arrived
                     # since is in the backlog, in commit order.
-                    rest = list(backlog.items())
+                    rest = []
+                    for mid, frame in backlog.items():
+                        if self._in_flight(mid):
+                            rest.append((mid, frame))
                     self._backlog = None
                     for _mid, frame in rest:
                         self.push(frame)
@@ -887,7 +981,12 @@ class Session(asyncio.Protocol):
                 self._backlog_overflow = False
         except StoreUnavailable:
             # Messages stay stored; they are delivered on the next session.
-            self._backlog = None
+            held, self._backlog = self._backlog, None
+            if resync and held:
+                # A resync only adds to live delivery: what it held goes out as it
+                # would have without it.
+                for mid, frame in held.items():
+                    self.push_q1(mid, frame)
         except BaseException:
             self._backlog = None
             raise
@@ -900,6 +999,21 @@ class Session(asyncio.Protocol):
         self._drained = None
 
     def _on_ack(self, f: Ack) -> None:
+        unacked = self._unacked
+        if unacked is not None:
+            if self._replaying:
+                # A replay may have read these from the store before the ack reached
+                # it: they stay in flight for it, or it would write them again.
+                acked = [m for m in f.mids if m in unacked]
+                if acked:
+                    if self._acked_in_replay is None:
+                        self._acked_in_replay = set()
+                    self._acked_in_replay.update(acked)
+            else:
+                # Not in flight any more, even if the store misses the ack (then the
+                # message comes again: at least once). A replay started later reads the
+                # store after the ack below was submitted, so it sees it.
+                unacked.difference_update(f.mids)
         self.spawn(self.hub.ack(self, f.mids, f.id))
 
     # -- topics (§5) ------------------------------------------------------------------

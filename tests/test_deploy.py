@@ -5,6 +5,7 @@ kustomization resources, the packages the Dockerfile copies)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import tomllib
@@ -199,6 +200,14 @@ def test_compose_agrees_with_the_other_files() -> None:
         k: interpolate(str(v), {**dotenv, "OPENRED_JWT_SECRET": ""})
         for k, v in envs[0].items()})
     assert cfg.auth.jwt_secret is None  # optional in .env
+    # The hubs believe X-Forwarded-For from nginx's fixed address, and from nothing else
+    # (server.trusted_proxies): nginx's address is pinned, inside the network's subnet.
+    nginx_ip = services["nginx"]["networks"]["default"]["ipv4_address"]
+    (subnet,) = [c["subnet"] for c in compose["networks"]["default"]["ipam"]["config"]]
+    assert ipaddress.ip_address(nginx_ip) in ipaddress.ip_network(subnet)
+    assert cfg.server.trusted_proxies == (f"{nginx_ip}/32",)
+    # ... and nodes reach the hubs' WebSocket port through nginx only.
+    assert not [p for h in hubs.values() for p in h.get("ports", []) if "8765" in str(p)]
     assert services["migrate"]["command"] == ["migrate"]
     # nginx.conf's upstream servers are compose services.
     nginx_conf = (DEPLOY / "nginx/nginx.conf").read_text()

@@ -17,9 +17,16 @@ from websockets.exceptions import ConnectionClosed
 
 from protocol.identity import Identity
 from tests.broker.conftest import LocalCluster, need_cluster
-from tests.cluster.conftest import ADMIN_TOKEN, ClusterFactory, RedisServer, eventually
+from tests.cluster.conftest import (
+    ADMIN_TOKEN,
+    ClusterFactory,
+    HubProcess,
+    RedisServer,
+    eventually,
+)
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode
+from tests.persistence.test_postgres import Proxy  # a TCP link that can be cut
 
 pytestmark = pytest.mark.slow
 
@@ -442,6 +449,118 @@ async def test_redis_restart_mid_traffic(make_cluster: ClusterFactory,
     for m in await recv_msgs(z2, z2.welcome["pending"]):
         got.append(m["mid"])
     assert set(stored) <= set(got)
+
+
+async def recv_q1(node: RawNode, n: int, wait: float = 10.0) -> list[dict[str, Any]]:
+    """The next `n` QoS 1 messages (anything else received meanwhile is skipped)."""
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        f = await node.recv(wait)
+        if f["t"] == "msg" and f["qos"] == 1:
+            out.append(f)
+    return out
+
+
+async def until_broker_down(node: RawNode, to: str) -> None:
+    """Until `node`'s instance knows the broker is gone: a cross-instance QoS 0 with an
+    id fails fast with `unavailable` (§4)."""
+
+    async def down() -> bool:
+        r = await node.request({"t": "send", "id": rid(), "to": to, "body": b"probe"})
+        return r["t"] == "error" and r["code"] == "unavailable"
+
+    await eventually(down, 5.0, every=0.1, what="broker down")
+
+
+async def send_stored(sender: RawNode, to: str, body: bytes) -> str:
+    """A QoS 1 send that must be answered `ok stored`; its mid."""
+    r = await sender.request({"t": "send", "id": rid(), "to": to, "body": body, "qos": 1})
+    assert r["t"] == "ok" and r["status"] == "stored", r
+    return str(r["mid"])
+
+
+async def message_state(hub: HubProcess, mid: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{hub.admin}/v1/messages/{mid}",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["state"])
+
+
+async def test_qos1_stored_while_redis_down_reaches_the_online_node(
+        make_cluster: ClusterFactory, redis_server: RedisServer) -> None:
+    """§4 at least once, with the recipient online the whole time: Redis dies, a node on
+    instance 1 sends QoS 1 to a node online on instance 2 (`ok stored`); when Redis is
+    back the recipient gets them within seconds on the same session, in order, and acks
+    them (as an MQTT broker or Centrifugo would). A message it had before the outage
+    and not acked yet is not written to it again (docs/protocol.md: no retransmission
+    within a session)."""
+    c = await make_cluster(2, broker_url=redis_server.url)
+    a = await RawNode.connect(c[0])
+    b = await RawNode.connect(c[1])
+    await until_online(a, b.node_id)
+    before = await send_stored(a, b.node_id, b"before")
+    assert (await b.recv_type("msg"))["mid"] == before  # in flight: not acked
+
+    redis_server.kill()
+    await until_broker_down(a, b.node_id)
+    stored = [await send_stored(a, b.node_id, b"during-%d" % i) for i in range(3)]
+    await no_msg(b, 0.5)
+
+    await redis_server.restart()
+    t0 = time.monotonic()
+    msgs = await recv_q1(b, 3)
+    assert time.monotonic() - t0 < timeout(5.0), "stored messages came late"
+    assert [m["mid"] for m in msgs] == stored
+    assert [(m["from"], m["body"]) for m in msgs] == [
+        (a.node_id, b"during-%d" % i) for i in range(3)]
+    await b.send({"t": "ack", "mids": [before, *stored]})
+    await no_msg(b, 1.0)  # `before` was in flight: not again; nothing twice
+
+    async def acked() -> bool:
+        return all([await message_state(c[0], mid) == "acked" for mid in [before, *stored]])
+
+    await eventually(acked, 5.0, every=0.1, what="acked")
+    # The session never changed: b is still the one that was connected all along.
+    r = await a.request({"t": "send", "id": rid(), "to": b.node_id, "body": b"after"})
+    assert r["t"] == "ok" and r["status"] == "sent", r
+    assert (await b.recv_type("msg"))["body"] == b"after"
+
+
+async def test_qos1_stored_by_an_instance_cut_off_from_redis(
+        make_cluster: ClusterFactory, redis_server: RedisServer) -> None:
+    """Only instance 1 loses Redis (a network cut): instance 2, holding the recipient,
+    never sees an outage of its own. What instance 1 stores meanwhile still reaches the
+    online recipient once instance 1 is back: it tells the recipient's instance to read
+    its queue again. A message sent right after the cut heals keeps its place (§4
+    order)."""
+    proxy = Proxy("127.0.0.1", redis_server.port)
+    await proxy.start()
+    try:
+        c1 = await make_cluster(1, broker_url=f"redis://127.0.0.1:{proxy.port}/0")
+        c2 = await make_cluster(1, broker_url=redis_server.url)
+        a = await RawNode.connect(c1[0])
+        b = await RawNode.connect(c2[0])
+        await until_online(a, b.node_id)
+        await until_online(b, a.node_id)
+
+        proxy.cut_all()
+        await until_broker_down(a, b.node_id)
+        r = await b.request({"t": "presence", "id": rid(), "nodes": [a.node_id]})
+        assert r["t"] == "ok", r  # instance 2's broker is fine
+        stored = [await send_stored(a, b.node_id, b"cut-%d" % i) for i in range(2)]
+        await no_msg(b, 0.5)
+
+        proxy.restore()
+
+        # Right away: stored, and routed behind the earlier ones.
+        stored.append(await send_stored(a, b.node_id, b"x"))
+        msgs = await recv_q1(b, 3)
+        assert [m["mid"] for m in msgs] == stored
+        await b.send({"t": "ack", "mids": stored})
+        await no_msg(b, 1.0)
+    finally:
+        await proxy.close()
 
 
 async def test_sigkill_of_an_instance_mid_traffic(make_cluster: ClusterFactory) -> None:

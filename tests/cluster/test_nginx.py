@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from protocol.client import Client
 from protocol.identity import Identity
@@ -150,6 +151,43 @@ async def test_sdk_through_nginx_survives_sigkill_of_its_instance(
         await receiving
     except asyncio.CancelledError:
         pass
+
+
+async def test_hubs_behind_nginx_limit_and_audit_each_client(make_cluster: ClusterFactory,
+                                                             make_nginx: Any) -> None:
+    """§7 per-IP handshake limit behind the shipped nginx config, with nginx's address in
+    `server.trusted_proxies`: the X-Forwarded-For nginx sets reaches the hub, which
+    limits and audits each client, not nginx. Every test client connects from
+    127.0.0.1, as nginx does, so each names an address of its own in an X-Forwarded-For
+    of its own: nginx appends 127.0.0.1, which the hub skips as trusted (a client on a
+    trusted address can do that; one on any other address cannot)."""
+    c = await make_cluster(1, server_trusted_proxies="127.0.0.1",
+                           limits_handshakes_per_s="1", limits_burst="2")
+    nginx: Nginx = await make_nginx([c[0].ws_port], [c[0].admin_port])
+
+    async def status(client: str) -> int:
+        try:
+            node = await RawNode.open(nginx, additional_headers={"X-Forwarded-For": client})
+        except InvalidStatus as exc:
+            return exc.response.status_code
+        await node.close()
+        return 101
+
+    assert [await status("203.0.113.1") for _ in range(3)] == [101, 101, 429]
+    assert await status("203.0.113.2") == 101  # another client: its own bucket
+
+    ident = Identity.generate()
+    node = await RawNode.open(nginx, ident, additional_headers={"X-Forwarded-For":
+                                                                  "203.0.113.3"})
+    await node.send({"t": "hello", "key": ident.public_key,
+                     "sig": ident.sign_auth(node.challenge["hub"], node.challenge["nonce"])})
+    assert (await node.recv())["t"] == "welcome"
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{c[0].admin}/v1/audit", params={"node": ident.node_id, "kind": "auth_ok"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+        assert resp.status == 200
+        assert [e["ip"] for e in (await resp.json())["items"]] == ["203.0.113.3"]
+    await node.close()
 
 
 async def _true(value: bool) -> bool:

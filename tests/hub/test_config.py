@@ -214,6 +214,14 @@ def test_unknown_key_in_file_names_it(tmp_path: Path, text: str, expected: str) 
         ('[server]\nhub_id = ""\n', "server.hub_id:"),
         ("[server]\nshutdown_grace_s = -1\n", "server.shutdown_grace_s: must be a number >= 0"),
         ('[server]\ntls_cert = "/nonexistent/c.pem"\n', "server.tls_cert: must name an existing"),
+        ('[server]\ntrusted_proxies = "10.0.0.1"\n',
+         "server.trusted_proxies: must be a list of IP addresses or CIDR networks"),
+        ('[server]\ntrusted_proxies = ["nginx"]\n',
+         "server.trusted_proxies: must be a list of IP addresses or CIDR networks (e.g. "
+         "10.0.0.0/8), got 'nginx'"),
+        ('[server]\ntrusted_proxies = ["10.1.2.3/8"]\n',
+         "server.trusted_proxies: must be a list of IP addresses or CIDR networks (e.g. "
+         "10.0.0.0/8), got '10.1.2.3/8' (host bits set)"),
         ("[auth]\nhello_timeout_s = 0\n", "auth.hello_timeout_s: must be a number > 0"),
         ("[auth]\nhello_timeout_s = nan\n", "auth.hello_timeout_s:"),
         ('[auth]\nmode = "closed"\n', "auth.mode: must be one of 'open', 'allowlist'"),
@@ -352,10 +360,24 @@ def test_unknown_override_is_an_error() -> None:
         ("OPENRED_HUB_STORE_AUTO_MIGRATE", "", "must be true or false"),
         ("OPENRED_HUB_ADMIN_TOKENS", "a,,b", "must be a comma-separated list without empty"),
         ("OPENRED_HUB_AUTH_JWT_ALGORITHMS", "HS256,none", "'none' is never allowed"),
+        ("OPENRED_HUB_SERVER_TRUSTED_PROXIES", "10.0.0.0/8,,::1",
+         "must be a comma-separated list without empty"),
+        ("OPENRED_HUB_SERVER_TRUSTED_PROXIES", "10.0.0.0/8,1.2.3.4/33",
+         "must be a list of IP addresses or CIDR networks (e.g. 10.0.0.0/8), got '1.2.3.4/33'"),
     ],
 )
 def test_bad_env_values_name_the_variable(name: str, value: str, expected: str) -> None:
     assert error_of(env={name: value}).startswith(f"{name}: {expected}")
+
+
+def test_trusted_proxies() -> None:
+    assert load_config(env=NO_ENV).server.trusted_proxies == ()
+    env = {"OPENRED_HUB_SERVER_TRUSTED_PROXIES": " 10.0.0.0/8, 127.0.0.1,2001:DB8::/32"}
+    # Normalised: one spelling per network, a lone address as its /32 or /128.
+    assert load_config(env=env).server.trusted_proxies == (
+        "10.0.0.0/8", "127.0.0.1/32", "2001:db8::/32")
+    cfg = load_config(env=NO_ENV, overrides={"server.trusted_proxies": ["::1"]})
+    assert cfg.server.trusted_proxies == ("::1/128",)
 
 
 def test_env_lists() -> None:
