@@ -63,6 +63,8 @@ _ws_log.setLevel(logging.WARNING)  # websockets logs every open/close at info
 
 HTTP, HELLO, AUTH, ACTIVE, CLOSING, CLOSED = range(6)
 WS_PATH = "/v1/ws"
+REPLAY_RETRY_S = 0.1  # first wait before a replay page is read again (store unavailable)
+REPLAY_RETRY_MAX_S = 2.0
 MAX_INFLIGHT = 1024  # async operations per session before reading pauses
 RESUME_INFLIGHT = 512
 CLOSE_GRACE_S = 2.0  # how long a closing peer may take before the socket is aborted
@@ -890,7 +892,7 @@ class Session(asyncio.Protocol):
         """§4: deliver stored QoS 1 messages in their original order, then switch to
         live delivery with no gap and no duplicate."""
         self._replaying = True
-        await self._replay(resync=False)
+        await self._replay()
 
     def request_resync(self) -> bool:
         """The stored queue may hold messages that never reached this session (stored
@@ -917,18 +919,17 @@ class Session(asyncio.Protocol):
             self._replay_again = True
             return None
         self._replaying = True  # now, not when the task starts: no second pass meanwhile
-        return self.spawn(self._replay(resync=True))
+        return self.spawn(self._replay())
 
-    async def _replay(self, resync: bool) -> None:
+    async def _replay(self) -> None:
         try:
             while True:
-                await self._replay_pass(resync)
+                await self._replay_pass()
                 if not self._replay_again or self.state != ACTIVE:
                     return
                 # Asked for while this pass ran: hold live QoS 1 again before any of it
                 # can be written (no await since the pass ended).
                 self._replay_again = False
-                resync = True
                 if self._backlog is None:
                     self.hold_live_q1()
         finally:
@@ -938,7 +939,7 @@ class Session(asyncio.Protocol):
             if acked and self._unacked is not None:
                 self._unacked.difference_update(acked)
 
-    async def _replay_pass(self, resync: bool) -> None:
+    async def _replay_pass(self) -> None:
         hub = self.hub
         store = hub.store
         if self._backlog is None:
@@ -947,11 +948,21 @@ class Session(asyncio.Protocol):
         # §7: a page never fills the send queue by itself (a backlog larger than
         # send_queue_max is flow controlled, not taken for a slow consumer).
         page_size = max(1, min(BACKLOG_PAGE, hub.send_queue_max // 2))
+        delay = REPLAY_RETRY_S
         try:
             while self.state == ACTIVE:
                 await self._wait_drained()
                 now = time.time_ns() // 1_000_000
-                page = await store.pending(self.node_id, now, after, page_size)
+                try:
+                    page = await store.pending(self.node_id, now, after, page_size)
+                except StoreUnavailable:
+                    # §4: redelivered until acked, not until the next session. The store
+                    # is busy (a reconnect storm) or away: read the page again later,
+                    # live QoS 1 still held behind it (bounded: _backlog_overflow).
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, REPLAY_RETRY_MAX_S)
+                    continue
+                delay = REPLAY_RETRY_S
                 backlog = self._backlog
                 mids = []
                 for m in page:
@@ -979,14 +990,6 @@ class Session(asyncio.Protocol):
                         store.mark_delivered_nowait([m for m, _ in rest], now)
                     return
                 self._backlog_overflow = False
-        except StoreUnavailable:
-            # Messages stay stored; they are delivered on the next session.
-            held, self._backlog = self._backlog, None
-            if resync and held:
-                # A resync only adds to live delivery: what it held goes out as it
-                # would have without it.
-                for mid, frame in held.items():
-                    self.push_q1(mid, frame)
         except BaseException:
             self._backlog = None
             raise

@@ -369,3 +369,37 @@ async def test_backlog_of_large_messages_flow_controlled(make_hub):
     assert (welcome["t"], welcome["pending"]) == ("welcome", n)
     msgs = await recv_msgs(b, n, wait=10)
     assert [int.from_bytes(m["body"][:4], "big") for m in msgs] == list(range(n))
+
+
+async def test_replay_read_again_when_the_store_fails(hub):
+    """The store refuses the replay's read (a reconnect storm exhausting it, a blip):
+    the session stays open and the read is made again, so the stored messages still
+    come in this session, first, with live QoS 1 sent meanwhile after them (§4). The
+    failure is injected into the real store's `pending`, twice, then it answers."""
+    from persistence.store import StoreUnavailable
+
+    a = await RawNode.connect(hub)
+    bid = Identity.generate()
+    await send_q1(a, bid.node_id, bodies(3))
+    store = hub.node.store
+    real_pending = store.pending
+    failures = [0]
+
+    async def failing_pending(*args: Any, **kw: Any) -> Any:
+        if failures[0] < 2:
+            failures[0] += 1
+            raise StoreUnavailable("store: injected failure")
+        return await real_pending(*args, **kw)
+
+    store.pending = failing_pending
+    try:
+        b = await RawNode.connect(hub, bid)
+        assert b.welcome["pending"] == 3
+        await send_q1(a, bid.node_id, bodies(2, start=3))  # live, during the retries
+        msgs = await recv_msgs(b, 5, wait=10)
+    finally:
+        store.pending = real_pending
+    assert failures[0] == 2
+    assert nums(msgs) == [0, 1, 2, 3, 4]
+    await b.send({"t": "ack", "mids": [m["mid"] for m in msgs]})
+    await no_frame(b, 0.3)
