@@ -25,6 +25,11 @@ sender -> recipient. One pub/sub connection per instance (per shard on a Cluster
 read by one task; when Redis goes away it reconnects with backoff and subscribes again
 to everything it held.
 
+Everything on the message path (publishes, sequences, the owner record of a claim, the
+pub/sub reader) goes over the broker's own RESP connections (hub/broker_resp.py: two
+per shard, no per-call coroutine stack); redis-py keeps presence, ping and the Cluster
+slot map, and lends its connection settings (credentials, TLS) to those connections.
+
 Topic sequences are Redis counters (INCR in a script, atomic cluster wide) issued in
 call order (one pipeline per loop turn, like publishes): one instance's publications of
 a topic get increasing sequences in the order they were made. A counter is floored by
@@ -300,10 +305,10 @@ class RedisBroker:
             "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
         self._pool: Any = None
         self._redis: Any
-        # Direct commands share what the writer, the sequencer and the pub/sub reader
-        # leave of the pool: redis-py's cluster client raises instead of waiting when a
-        # node's pool is exhausted (PERF-NOTES), so the bound is kept here.
-        self._limit = asyncio.Semaphore(max(1, pool_size - 3))
+        # redis-py carries only what is off the message path (presence, ping, the
+        # Cluster slot map); its cluster client raises instead of waiting when a node's
+        # pool is exhausted (PERF-NOTES), so the bound is kept here.
+        self._limit = asyncio.Semaphore(pool_size)
         if self.cluster:
             self._redis = RedisCluster.from_url(self._url, max_connections=pool_size,
                                                 **self._conn_kw)
@@ -487,6 +492,62 @@ class RedisBroker:
 
         self._spawn(follow())
 
+    # -- commands on the raw connections -------------------------------------------
+
+    async def _call(self, key: str, *args: bytes | str | int) -> Any:
+        """One command, to the shard owning `key`, on its publishing connection (in
+        order with this instance's publishes); the reply. On a Cluster, MOVED or ASK
+        re-reads the slot map and tries once more. BrokerUnavailable when Redis does not
+        answer, or answers with an error."""
+        data = command(*args)
+        for attempt in (0, 1):
+            (reply,) = await self._per_shard([key], lambda _shard, _idx: data)
+            if isinstance(reply, BrokerUnavailable):
+                raise reply
+            if not isinstance(reply, RespError):
+                return reply
+            if attempt == 0 and self.cluster and str(reply).startswith(("MOVED", "ASK")):
+                self._topology_at = 0.0
+                await self._refresh_topology()
+                continue
+            raise BrokerUnavailable(f"redis: {reply}")
+
+    async def _per_shard(self, keys: list[str],
+                         build: Callable[[_Shard, list[int]], bytes]) -> list[Any]:
+        """Commands about `keys` (keys or channels) on the publishing connections of
+        the shards owning them: `build(shard, indices)` makes one shard's commands, one
+        per index in order, sent in one write; every shard is written before any reply
+        is awaited. The replies in the order of `keys`, error replies as RespError
+        values and a shard that did not answer as BrokerUnavailable values."""
+        results: list[Any] = [None] * len(keys)
+        by_shard: dict[_Shard, list[int]] = {}
+        for i, key in enumerate(keys):
+            try:
+                by_shard.setdefault(self._shard_for(key), []).append(i)
+            except BrokerUnavailable as exc:
+                results[i] = exc
+        sent: list[tuple[list[int], RespConnection, asyncio.Future[list[Any]]]] = []
+        for shard, idx in by_shard.items():
+            if not shard.tried.is_set():  # a Cluster master just found
+                await shard.tried.wait()
+            conn = shard.pub
+            if conn is None or not conn.open:
+                for i in idx:
+                    results[i] = BrokerUnavailable("redis unavailable")
+                continue
+            sent.append((idx, conn, conn.send(build(shard, idx), len(idx))))
+        for idx, conn, fut in sent:
+            replies: list[Any]
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    replies = await fut
+            except (*_DOWN, TimeoutError) as exc:
+                conn.close()  # the shard's task connects again
+                replies = [BrokerUnavailable(str(exc) or "redis did not answer")] * len(idx)
+            for i, reply in zip(idx, replies, strict=True):
+                results[i] = reply
+        return results
+
     # -- sequences ----------------------------------------------------------------
 
     def _seq_key(self, topic: str) -> str:
@@ -540,11 +601,8 @@ class RedisBroker:
                 floors[topic] = cached
         todo = batch
         while todo:
-            pipe = self._redis.pipeline(transaction=False)
-            for topic, _ in todo:
-                pipe.eval(_NEXT_SEQ, 1, self._seq_key(topic), floors[topic],
-                          "1" if topic in fresh else "0")
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._eval_next_seqs(
+                [(self._seq_key(t), floors[t], t in fresh) for t, _ in todo])
             again: list[tuple[str, asyncio.Future[int]]] = []
             for (topic, fut), res in zip(todo, results, strict=True):
                 if isinstance(res, Exception):
@@ -559,13 +617,16 @@ class RedisBroker:
                 fresh.add(topic)
             todo = again
 
+    async def _eval_next_seqs(self, calls: list[tuple[str, int, bool]]) -> list[Any]:
+        """_NEXT_SEQ for each (key, floor, floor just read); replies in call order."""
+        return await self._per_shard([c[0] for c in calls], lambda _shard, idx: b"".join([
+            command("EVAL", _NEXT_SEQ, 1, calls[i][0], calls[i][1], "1" if calls[i][2] else "0")
+            for i in idx]))
+
     async def last_seq(self, topic: str) -> int:
         self._check_up()
-        try:
-            async with self._limit:
-                v = await self._redis.get(self._seq_key(topic))
-        except _DOWN as exc:
-            raise BrokerUnavailable(str(exc)) from None
+        key = self._seq_key(topic)
+        v = await self._call(key, "GET", key)
         if v is None:
             # Never published, or Redis lost the counter: the store knows.
             return await self._fresh_floor(topic)
@@ -582,13 +643,13 @@ class RedisBroker:
         wait for Redis to confirm it. With Redis down it raises BrokerUnavailable, and
         the node is subscribed all the same as soon as Redis is back."""
         ch = self._node_channel(node_id)
+        key = f"{self.prefix}owner:{node_id}"
         try:
             self._check_up()
-            async with self._limit:
-                await self._redis.set(f"{self.prefix}owner:{node_id}", session_id,
-                                      ex=OWNER_TTL_S)
-                await self._publish_now(ch, msgpack.packb(
-                    [self.instance_id, [[_CONTROL, "replace", session_id]]], use_bin_type=True))
+            # In this order: the previous holder reads the owner when told to replace.
+            await self._call(key, "SET", key, session_id, "EX", OWNER_TTL_S)
+            await self._call(ch, "SPUBLISH" if self.cluster else "PUBLISH", ch, packb(
+                [self.instance_id, [[_CONTROL, "replace", session_id]]]))
         except (BrokerUnavailable, *_DOWN) as exc:
             await self._hold(ch)
             raise BrokerUnavailable(str(exc)) from None
@@ -626,16 +687,11 @@ class RedisBroker:
         await shard.unsubscribe(ch)
 
     async def owner(self, node_id: str) -> str | None:
-        async with self._limit:
-            v = await self._redis.get(f"{self.prefix}owner:{node_id}")
-        return v.decode() if isinstance(v, bytes) else v
+        key = f"{self.prefix}owner:{node_id}"
+        v = await self._call(key, "GET", key)
+        return v.decode() if isinstance(v, bytes) else None
 
     # -- publishing -----------------------------------------------------------------
-
-    async def _publish_now(self, ch: str, data: bytes) -> int:
-        if self.cluster:
-            return int(await self._redis.execute_command("SPUBLISH", ch, data))
-        return int(await self._redis.publish(ch, data))
 
     def publish_to_node_nowait(self, node_id: str, frame: bytes, qos: int, mid: str,
                                want_result: bool = False) -> asyncio.Future[bool] | None:
@@ -710,41 +766,16 @@ class RedisBroker:
                                                            "error": str(error)})
 
     async def _publish(self, batch: dict[str, list[Any]],
-                       retry_moved: bool) -> dict[str, int | Exception]:
+                       retry_moved: bool) -> dict[str, Any]:
         """(S)PUBLISH each channel's entries as one message, one write per shard;
         the receiver count per channel, or the error. On a Cluster, channels answered
         MOVED (a slot changed masters) are sent once more after the slot map is read."""
         origin = self.instance_id
-        results: dict[str, int | Exception] = {}
-        by_shard: dict[_Shard, list[str]] = {}
-        for ch in batch:
-            try:
-                by_shard.setdefault(self._shard_for(ch), []).append(ch)
-            except BrokerUnavailable as exc:
-                results[ch] = exc
-        sent = []
-        for shard, chans in by_shard.items():
-            if not shard.tried.is_set():  # a Cluster master just found
-                await shard.tried.wait()
-            conn = shard.pub
-            if conn is None or not conn.open:
-                for ch in chans:
-                    results[ch] = BrokerUnavailable("redis unavailable")
-                continue
-            cmd = shard.publish_cmd
-            data = b"".join([command(cmd, ch, packb([origin, batch[ch]])) for ch in chans])
-            sent.append((conn, chans, conn.send(data, len(chans))))
-        for conn, chans, fut in sent:
-            try:
-                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                    replies = await fut
-            except (*_DOWN, TimeoutError) as exc:
-                conn.close()  # the shard's task connects again
-                for ch in chans:
-                    results[ch] = exc
-                continue
-            for ch, reply in zip(chans, replies, strict=True):
-                results[ch] = reply
+        chans = list(batch)
+        replies = await self._per_shard(chans, lambda shard, idx: b"".join([
+            command(shard.publish_cmd, chans[i], packb([origin, batch[chans[i]]]))
+            for i in idx]))
+        results = dict(zip(chans, replies, strict=True))
         if retry_moved:
             moved = {ch: batch[ch] for ch, r in results.items()
                      if isinstance(r, RespError) and str(r).startswith(("MOVED", "ASK"))}
@@ -799,7 +830,7 @@ class RedisBroker:
             return
         try:
             owner = await self.owner(node_id)
-        except _DOWN:
+        except (BrokerUnavailable, *_DOWN):
             owner = session_id
         handler.on_control(node_id, "replace", owner)
 
