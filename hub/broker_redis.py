@@ -84,6 +84,7 @@ MAX_PENDING = 100_000  # frames waiting for the next pipeline; past it, publishe
 OWNER_TTL_S = 86_400
 CONFIRM_TIMEOUT_S = 2.0  # how long claim/interest wait for Redis to confirm a subscription
 RESUBSCRIBE_CHUNK = 1000
+MOVE_FOLLOW_TRIES = 10  # slot map reads (0.05 s apart, doubling to 1 s) after a move
 HEARTBEAT_S = 5.0  # a silent pub/sub connection is PINGed, and dropped after 3x this
 PUBLISH_TIMEOUT_S = 5.0  # a pipeline not answered by then: the connection is dropped
 _PING = command("PING")
@@ -486,9 +487,21 @@ class RedisBroker:
         shard.channels.discard(ch)
 
         async def follow() -> None:
-            self._topology_at = 0.0
-            await self._refresh_topology()
-            await self._shard_for(ch).subscribe(ch, wait=False)
+            # The slot map may not show the move yet (a master asked may not know of
+            # it): read it again until the channel's slot is served by another master.
+            delay = 0.05
+            for _ in range(MOVE_FOLLOW_TRIES):
+                self._topology_at = 0.0
+                await self._refresh_topology()
+                try:
+                    target = self._shard_for(ch)
+                except BrokerUnavailable:
+                    target = None
+                if target is not None and target is not shard:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            await self._hold(ch)
 
         self._spawn(follow())
 
@@ -496,29 +509,25 @@ class RedisBroker:
 
     async def _call(self, key: str, *args: bytes | str | int) -> Any:
         """One command, to the shard owning `key`, on its publishing connection (in
-        order with this instance's publishes); the reply. On a Cluster, MOVED or ASK
-        re-reads the slot map and tries once more. BrokerUnavailable when Redis does not
-        answer, or answers with an error."""
+        order with this instance's publishes); the reply. BrokerUnavailable when Redis
+        does not answer, or answers with an error."""
         data = command(*args)
-        for attempt in (0, 1):
-            (reply,) = await self._per_shard([key], lambda _shard, _idx: data)
-            if isinstance(reply, BrokerUnavailable):
-                raise reply
-            if not isinstance(reply, RespError):
-                return reply
-            if attempt == 0 and self.cluster and str(reply).startswith(("MOVED", "ASK")):
-                self._topology_at = 0.0
-                await self._refresh_topology()
-                continue
+        (reply,) = await self._per_shard([key], lambda _shard, _idx: data)
+        if isinstance(reply, BrokerUnavailable):
+            raise reply
+        if isinstance(reply, RespError):
             raise BrokerUnavailable(f"redis: {reply}")
+        return reply
 
-    async def _per_shard(self, keys: list[str],
-                         build: Callable[[_Shard, list[int]], bytes]) -> list[Any]:
+    async def _per_shard(self, keys: list[str], build: Callable[[_Shard, list[int]], bytes],
+                         retry_moved: bool = True) -> list[Any]:
         """Commands about `keys` (keys or channels) on the publishing connections of
         the shards owning them: `build(shard, indices)` makes one shard's commands, one
         per index in order, sent in one write; every shard is written before any reply
         is awaited. The replies in the order of `keys`, error replies as RespError
-        values and a shard that did not answer as BrokerUnavailable values."""
+        values and a shard that did not answer as BrokerUnavailable values. On a
+        Cluster, commands answered MOVED or ASK (a slot changed masters) are sent once
+        more after the slot map is read again."""
         results: list[Any] = [None] * len(keys)
         by_shard: dict[_Shard, list[int]] = {}
         for i, key in enumerate(keys):
@@ -546,6 +555,18 @@ class RedisBroker:
                 replies = [BrokerUnavailable(str(exc) or "redis did not answer")] * len(idx)
             for i, reply in zip(idx, replies, strict=True):
                 results[i] = reply
+        if retry_moved and self.cluster:
+            moved = [i for i, r in enumerate(results)
+                     if isinstance(r, RespError) and str(r).startswith(("MOVED", "ASK"))]
+            if moved:
+                self._topology_at = 0.0
+                await self._refresh_topology()
+                again = await self._per_shard(
+                    [keys[i] for i in moved],
+                    lambda shard, idx: build(shard, [moved[j] for j in idx]),
+                    retry_moved=False)
+                for i, reply in zip(moved, again, strict=True):
+                    results[i] = reply
         return results
 
     # -- sequences ----------------------------------------------------------------
@@ -743,7 +764,7 @@ class RedisBroker:
                 continue
             try:
                 t0 = time.perf_counter()
-                results = await self._publish(batch, retry_moved=self.cluster)
+                results = await self._publish(batch)
                 self.publish_seconds = time.perf_counter() - t0
             except asyncio.CancelledError:
                 for ch, futs in waiters.items():  # failed by close()
@@ -765,25 +786,15 @@ class RedisBroker:
                 log.warning("redis publish failed", extra={"event": "broker_publish_failed",
                                                            "error": str(error)})
 
-    async def _publish(self, batch: dict[str, list[Any]],
-                       retry_moved: bool) -> dict[str, Any]:
-        """(S)PUBLISH each channel's entries as one message, one write per shard;
-        the receiver count per channel, or the error. On a Cluster, channels answered
-        MOVED (a slot changed masters) are sent once more after the slot map is read."""
+    async def _publish(self, batch: dict[str, list[Any]]) -> dict[str, Any]:
+        """(S)PUBLISH each channel's entries as one message, one write per shard; the
+        receiver count per channel, or the error."""
         origin = self.instance_id
         chans = list(batch)
         replies = await self._per_shard(chans, lambda shard, idx: b"".join([
             command(shard.publish_cmd, chans[i], packb([origin, batch[chans[i]]]))
             for i in idx]))
-        results = dict(zip(chans, replies, strict=True))
-        if retry_moved:
-            moved = {ch: batch[ch] for ch, r in results.items()
-                     if isinstance(r, RespError) and str(r).startswith(("MOVED", "ASK"))}
-            if moved:
-                self._topology_at = 0.0
-                await self._refresh_topology()
-                results.update(await self._publish(moved, retry_moved=False))
-        return results
+        return dict(zip(chans, replies, strict=True))
 
     def _fail_waiters(self) -> None:
         for futs in self._waiters.values():

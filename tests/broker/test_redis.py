@@ -205,3 +205,59 @@ async def test_cluster_failover_moves_subscriptions_to_the_new_master(
         await a.close()
         await b.close()
         cluster.stop()
+
+
+
+async def _move_slot(ports: list[int], key: str) -> None:
+    """Give the slot of `key` (holding no keys) to another master, as the last step of
+    a resharding does (`CLUSTER SETSLOT <slot> NODE <id>` on every master)."""
+    clients = {p: redis.Redis(port=p) for p in ports}
+    try:
+        any_client = clients[ports[0]]
+        slot = int(await any_client.execute_command("CLUSTER KEYSLOT", key))
+        owner = next(int(r[2][1]) for r in await any_client.execute_command("CLUSTER SLOTS")
+                     if int(r[0]) <= slot <= int(r[1]))
+        target = next(p for p in ports if p != owner)
+        target_id = await clients[target].execute_command("CLUSTER MYID")
+        assert int(await clients[owner].execute_command("CLUSTER COUNTKEYSINSLOT", slot)) == 0
+        for p in [target, owner] + [p for p in ports if p not in (target, owner)]:
+            await clients[p].execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    finally:
+        for c in clients.values():
+            await c.aclose()
+
+
+async def test_cluster_slot_moved_to_another_master(tmp_path: Path,
+                                                    redis_cluster: LocalCluster | str) -> None:
+    """A slot moves to another master (a resharding) under a running hub: the holder
+    follows its node channel there (Redis sunsubscribes it), and an instance whose
+    slot map is stale gets MOVED for its publish, its sequence script and its owner
+    write, reads the map again and succeeds, without the caller seeing an error."""
+    need_cluster(redis_cluster)
+    cluster = LocalCluster(tmp_path)  # its own: the slot map changes
+    cluster.start()
+    hub_id = f"mv{secrets.token_hex(4)}"
+    a, _ = await started(cluster.url, hub_id, "a")
+    b, rb = await started(cluster.url, hub_id, "b")
+    try:
+        await b.claim("n1", "s1")
+        rb.local["n1"] = object()
+        assert await a.publish_to_node("n1", b"before", 0, "m0") is True
+        await _move_slot(cluster.ports, b._node_channel("n1"))
+        await _move_slot(cluster.ports, a._seq_key("room"))
+        await _move_slot(cluster.ports, f"{a.prefix}owner:n2")
+
+        t0 = time.monotonic()
+        while not await a.publish_to_node("n1", b"after", 0, "m1"):
+            # False only until the holder has followed its channel to the new master.
+            assert time.monotonic() - t0 < timeout(5.0), "the channel was not followed"
+            await asyncio.sleep(0.05)
+        await until(lambda: ("n1", b"after", 0, "m1") in rb.node_frames, what="delivery")
+        assert await a.next_seq("room") == 1
+        await a.claim("n2", "s2")
+        assert await b.owner("n2") == "s2"
+        assert a.up and b.up
+    finally:
+        await a.close()
+        await b.close()
+        cluster.stop()
