@@ -154,6 +154,7 @@ class _Shard:
         self._confirm: dict[bytes, list[asyncio.Future[None]]] = {}
         self.task: asyncio.Task[None] | None = None
         self.tried = asyncio.Event()  # set once the first connection attempt is over
+        self.last_error = ""  # why the last connection ended or failed (for the logs)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -239,6 +240,7 @@ class _Shard:
                 raise
             except (*_DOWN, TimeoutError) as exc:
                 error = str(exc) or type(exc).__name__
+            self.last_error = error
             self.tried.set()
             self._close_connections()
             if broker.closing:
@@ -357,7 +359,7 @@ class RedisBroker:
             await shard.tried.wait()
             if not self.up:
                 log.warning("redis not reachable at start; will keep trying",
-                            extra={"event": "broker_down"})
+                            extra={"event": "broker_down", "error": shard.last_error})
         self._writer = loop.create_task(self._write_loop())
         self._sequencer = loop.create_task(self._seq_loop())
 

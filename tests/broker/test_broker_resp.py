@@ -194,6 +194,8 @@ async def test_password_acl_user_and_tls(tmp_path: Path,
         finally:
             await b.close()
         assert wrong not in caplog.text  # secrets never in logs
+        start = [r for r in caplog.records if r.getMessage().startswith("redis not reachable")]
+        assert start and "refused the credentials" in getattr(start[0], "error", "")
     finally:
         proc.kill()
         proc.wait()
