@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,10 @@ import redis.asyncio as redis
 from hub.broker import BrokerUnavailable
 from hub.broker_redis import RedisBroker, parse_redis_url
 from tests.broker.conftest import LocalCluster, Recorder, need_cluster, until
-from tests.cluster.conftest import RedisServer, need_binary
+from tests.cluster.conftest import RedisServer
 from tests.conftest import timeout
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    need_binary("redis-server")
-    server = RedisServer(tmp_path)
-    await server.start()
-    yield server
-    server.kill()
 
 
 async def started(url: str, hub_id: str, name: str, seed: Any = None) -> tuple[Any, Recorder]:
@@ -48,7 +38,7 @@ def test_broker_url_forms() -> None:
         parse_redis_url("redis://h:1?cluster=maybe")
 
 
-async def test_redis_restart(private_redis: RedisServer) -> None:
+async def test_redis_restart(redis_server: RedisServer) -> None:
     """Redis killed: calls fail fast with BrokerUnavailable (no waiting on timeouts).
     Restarted on the same port: the brokers reconnect and subscribe again by
     themselves, routing resumes within 5 s, and sequences continue from the store's
@@ -59,8 +49,8 @@ async def test_redis_restart(private_redis: RedisServer) -> None:
     async def seed(topic: str) -> int:
         return store.get(topic, 0)
 
-    a, _ra = await started(private_redis.url, hub_id, "a", seed)
-    b, rb = await started(private_redis.url, hub_id, "b", seed)
+    a, _ra = await started(redis_server.url, hub_id, "a", seed)
+    b, rb = await started(redis_server.url, hub_id, "b", seed)
     try:
         await b.claim("n1", "s-b")
         rb.local["n1"] = object()
@@ -70,7 +60,7 @@ async def test_redis_restart(private_redis: RedisServer) -> None:
             store["t"] = i
         assert await a.publish_to_node("n1", b"before", 0, "m0") is True
 
-        private_redis.kill()
+        redis_server.kill()
         t0 = time.monotonic()
 
         async def fails() -> bool:
@@ -88,7 +78,7 @@ async def test_redis_restart(private_redis: RedisServer) -> None:
         rb.local["n2"] = object()  # the session goes on locally
         assert time.monotonic() - t0 < timeout(3.0)
 
-        await private_redis.restart()
+        await redis_server.restart()
         t0 = time.monotonic()
 
         async def routed() -> bool:
@@ -117,10 +107,10 @@ async def test_redis_restart(private_redis: RedisServer) -> None:
         assert time.monotonic() - t0 < timeout(3.0)
 
 
-async def test_close_is_prompt_while_redis_is_down(private_redis: RedisServer) -> None:
-    b, _ = await started(private_redis.url, f"cd{secrets.token_hex(4)}", "b")
+async def test_close_is_prompt_while_redis_is_down(redis_server: RedisServer) -> None:
+    b, _ = await started(redis_server.url, f"cd{secrets.token_hex(4)}", "b")
     await b.claim("n1", "s")
-    private_redis.kill()
+    redis_server.kill()
     await asyncio.sleep(0.3)
     t0 = time.monotonic()
     await b.close()

@@ -312,15 +312,6 @@ def need_binary(name: str) -> str:
     return path
 
 
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    need_binary("redis-server")
-    server = RedisServer(tmp_path)
-    await server.start()
-    yield server
-    server.kill()
-
-
 # -- nginx -----------------------------------------------------------------------------
 
 

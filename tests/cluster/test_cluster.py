@@ -25,7 +25,7 @@ from tests.cluster.conftest import (
     eventually,
 )
 from tests.conftest import timeout
-from tests.hub.nodes import RawNode
+from tests.hub.nodes import RawNode, recv_msgs
 from tests.persistence.test_postgres import Proxy  # a TCP link that can be cut
 
 pytestmark = pytest.mark.slow
@@ -52,15 +52,6 @@ async def until_online(node: RawNode, *ids: str, online: bool = True,
         return all(seen[i] is online for i in ids)
 
     await eventually(check, wait, what=f"presence {online} of {ids}")
-
-
-async def recv_msgs(node: RawNode, n: int, wait: float = 10.0) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        f = await node.recv(wait)
-        if f["t"] == "msg":
-            out.append(f)
-    return out
 
 
 async def recv_topic(node: RawNode, topic: str, wait: float = 10.0) -> dict[str, Any]:
