@@ -298,6 +298,8 @@ class RedisBroker:
         self.url = url
         self._url, self.cluster = parse_redis_url(url)
         self.prefix = f"openred:{hub_id}:"
+        self._node_prefix = f"{self.prefix}n:".encode()  # channel names as Redis sends them
+        self._topic_prefix = f"{self.prefix}t:".encode()
         self._seed = seed
         self._pool_size = pool_size
         # One immediate retry: a pooled connection may be stale after a Redis restart.
@@ -812,14 +814,10 @@ class RedisBroker:
     # -- receiving ------------------------------------------------------------------
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
-        prefix = self.prefix.encode()
-        if not channel.startswith(prefix):
-            return
-        rest = channel[len(prefix):]
-        if rest.startswith(b"n:"):
-            self._on_node(rest[2:].decode(), data)
-        elif rest.startswith(b"t:"):
-            self._on_topic(rest[2:].decode(), data)
+        if channel.startswith(self._node_prefix):
+            self._on_node(channel[len(self._node_prefix):].decode(), data)
+        elif channel.startswith(self._topic_prefix):
+            self._on_topic(channel[len(self._topic_prefix):].decode(), data)
 
     def _on_node(self, node_id: str, data: bytes) -> None:
         handler = self._handler

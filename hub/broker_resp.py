@@ -51,7 +51,7 @@ def command(*args: bytes | str | int) -> bytes:
     return b"".join(parts)
 
 
-def _parse(buf: bytearray, pos: int) -> tuple[Any, int]:
+def _parse(buf: bytes | bytearray, pos: int) -> tuple[Any, int]:
     """One reply starting at `pos`: (value, position after it). Bulk strings come back
     as bytes, errors as RespError values (not raised)."""
     end = buf.find(_CRLF, pos)
@@ -100,7 +100,8 @@ class RespConnection(asyncio.Protocol):
         self._buf = bytearray()
         # (replies wanted, replies so far, future of the list)
         self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self._loop.create_future()
         self.last_rx = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -114,12 +115,17 @@ class RespConnection(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
                 pass
-        self.last_rx = asyncio.get_running_loop().time()
+        self.last_rx = self._loop.time()
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        self.last_rx = asyncio.get_running_loop().time()
+        # Usually a read ends on a reply boundary: parse it as it came, copying nothing.
+        buf: bytes | bytearray
+        if self._buf:
+            buf = self._buf
+            buf += data
+        else:
+            buf = data
+        self.last_rx = self._loop.time()
         pos = 0
         size = len(buf)
         waiting = self._waiting
@@ -142,8 +148,11 @@ class RespConnection(asyncio.Protocol):
             self._fail(ConnectionError(f"bad reply from redis: {exc}"))
             return
         finally:
-            if pos:
-                del buf[:pos]
+            if buf is data:
+                if pos < len(data):
+                    self._buf += data[pos:]
+            elif pos:
+                del self._buf[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionError(f"redis connection lost: {exc}" if exc
@@ -158,7 +167,7 @@ class RespConnection(asyncio.Protocol):
     def send(self, data: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """Write `data` (`replies` commands, see `command`) at once; the future gets
         their replies in order (error replies as RespError values)."""
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[Any]] = self._loop.create_future()
         if not self.open or self.transport is None:
             fut.set_exception(ConnectionError("redis connection closed"))
             return fut
