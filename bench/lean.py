@@ -1,7 +1,8 @@
 """A lean WebSocket load generator: raw asyncio protocols, frames encoded (and masked
-with a zero key, which leaves the payload as is) once ahead of time, reads parsed only
-down to WebSocket frame headers. It exists so the generator is not the bottleneck:
-stock Python WebSocket clients cost as much CPU as the relay they measure.
+with a zero key, which leaves the payload as is) once ahead of time, reads parsed by
+`protocol.wsframes` (the repo's one WebSocket framing) and counted from each message's
+first bytes. It exists so the generator is not the bottleneck: stock Python WebSocket
+clients cost as much CPU as the relay they measure.
 
 A `LeanNode` speaks the hub's handshake (PROTOCOL.md §2: challenge, signed hello,
 welcome), or with `plain_id` the baselines' one (`{"t":"hello","node":ID}` right after
@@ -22,6 +23,15 @@ from typing import Any
 import msgpack
 
 from protocol.identity import Identity
+from protocol.wsframes import (
+    ZERO_MASK_KEY,
+    Close,
+    Failure,
+    FrameReader,
+    FrameWriter,
+    Ping,
+    client_message,
+)
 
 __all__ = [
     "STAMP_BYTES",
@@ -36,16 +46,11 @@ __all__ = [
 STAMP_BYTES = 8  # a send timestamp (perf_counter_ns, little endian) opens a body
 
 
-def client_frame(payload: bytes) -> bytes:
-    """A masked final binary frame (RFC 6455 §5.3) with a zero masking key."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x82, 0x80 | n))
-    elif n < 65536:
-        head = b"\x82\xfe" + n.to_bytes(2, "big")
-    else:
-        head = b"\x82\xff" + n.to_bytes(8, "big")
-    return head + b"\x00\x00\x00\x00" + payload
+# A masked final binary frame (RFC 6455 §5.3) with a zero masking key: the payload as is.
+client_frame = client_message
+
+# The hub is trusted here: its messages are read up to any size a bench may configure.
+MAX_MESSAGE_BYTES = 1 << 26
 
 
 def frame_count(payload: bytes | bytearray, start: int = 0) -> int:
@@ -101,7 +106,9 @@ class LeanNode(asyncio.Protocol):
         self.identity = identity if identity is not None or plain_id else Identity.generate()
         self.hello_extra = hello_extra or {}
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.buf = bytearray()  # the HTTP response, until its end
+        self.reader = FrameReader(server=False, max_message_bytes=MAX_MESSAGE_BYTES)
+        self.writer = FrameWriter(server=False, mask_key=ZERO_MASK_KEY)
         self.state = "http"
         self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.welcome: dict[str, Any] = {}
@@ -161,14 +168,9 @@ class LeanNode(asyncio.Protocol):
         return self.state == "open" and not self.lost and self.close_code is None
 
     def data_received(self, data: bytes) -> None:
-        # Usually a read holds whole frames: parse it as it came, copying nothing.
-        buf: bytes | bytearray
-        if not self.buf and self.state == "open":
-            buf = data
-        else:
+        if self.state == "http":
             buf = self.buf
             buf += data
-        if self.state == "http":
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
@@ -177,52 +179,29 @@ class LeanNode(asyncio.Protocol):
                     self.ready.set_exception(
                         ConnectionError(bytes(buf[:40]).decode(errors="replace")))
                 return
-            del self.buf[: end + 4]
+            data = bytes(buf[end + 4:])  # frames that came with the response
+            self.buf = bytearray()
             if self.plain_id is not None:
                 self.send({"t": "hello", "node": self.plain_id, **self.hello_extra})
                 self.state = "welcome"
             else:
                 self.state = "challenge"
         count = 0
-        pos = 0
-        n_buf = len(buf)
         on_payload = self.on_payload
-        while n_buf - pos >= 2:
-            b1 = buf[pos + 1] & 0x7F
-            op = buf[pos] & 0x0F
-            if b1 < 126:
-                hl, n = 2, b1
-            elif b1 == 126:
-                if n_buf - pos < 4:
-                    break
-                hl, n = 4, int.from_bytes(buf[pos + 2:pos + 4], "big")
-            else:
-                if n_buf - pos < 10:
-                    break
-                hl, n = 10, int.from_bytes(buf[pos + 2:pos + 10], "big")
-            if n_buf - pos < hl + n:
-                break
-            start = pos + hl
-            pos = start + n
-            if op == 0x2:
+        for ev in self.reader.feed(data):
+            if type(ev) is bytes:
                 if self.state != "open":
-                    self._handshake(bytes(buf[start:pos]))
+                    self._handshake(ev)
                     on_payload = self.on_payload
-                else:
-                    b = buf[start] if n else 0
-                    count += 1 if b & 0xF0 != 0x90 and b < 0xDC else frame_count(buf, start)
-                    if on_payload is not None:
-                        on_payload(bytes(buf[start:pos]))
-            elif op == 0x8:
-                self.close_code = int.from_bytes(buf[start:start + 2], "big") if n >= 2 else 1005
-            elif op == 0x9:  # ping: answer with a pong carrying the same data
-                payload = bytes(buf[start:pos])
-                self.write(bytes((0x8A, 0x80 | len(payload))) + b"\x00" * 4 + payload)
-        if buf is data:
-            if pos < n_buf:
-                self.buf += data[pos:]
-        else:
-            del self.buf[:pos]
+                    continue
+                b = ev[0] if ev else 0
+                count += 1 if b & 0xF0 != 0x90 and b < 0xDC else frame_count(ev)
+                if on_payload is not None:
+                    on_payload(ev)
+            elif type(ev) is Ping:  # answer with a pong carrying the same data
+                self.write(self.writer.pong(ev.data))
+            elif type(ev) is Close or type(ev) is Failure:
+                self.close_code = ev.code
         if count:
             self.received += count
             if self.on_messages is not None:

@@ -14,6 +14,8 @@ from typing import Any
 import msgpack
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
+from protocol.wsframes import binary_header
+
 __all__ = ["main"]
 
 _packer = msgpack.Packer(use_bin_type=True)
@@ -23,15 +25,6 @@ unpackb = msgpack.unpackb
 conns: dict[str, Relay] = {}
 topics: dict[str, set[Relay]] = {}
 COALESCE = False
-
-
-def _header(n: int) -> bytes:
-    """An unmasked final binary frame's header (server to client, RFC 6455 §5.2)."""
-    if n < 126:
-        return bytes((0x82, n))
-    if n < 65536:
-        return b"\x82\x7e" + n.to_bytes(2, "big")
-    return b"\x82\x7f" + n.to_bytes(8, "big")
 
 
 class Relay(WSListener):
@@ -50,7 +43,7 @@ class Relay(WSListener):
             assert self.t is not None
             self.t.send(WSMsgType.BINARY, frame)
             return
-        self.out.append(_header(len(frame)))
+        self.out.append(binary_header(len(frame)))
         self.out.append(frame)
         if not self.scheduled:
             self.scheduled = True

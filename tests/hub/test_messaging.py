@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import struct
 from typing import Any
 
 import msgpack
 
 from protocol.identity import Identity
+from protocol.wsframes import OP_TEXT, ZERO_MASK_KEY, Close, Event, FrameReader, FrameWriter
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode, eventually, no_frame, recv_msgs
 
@@ -310,26 +310,30 @@ async def test_slow_consumer_closed_others_not_stalled(make_hub):
 # -- a raw RFC 6455 client, to see every byte the hub writes -------------------------
 
 
-def _client_frame(opcode: int, payload: bytes) -> bytes:
-    n = len(payload)
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack(">H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-    return head + b"\0\0\0\0" + payload  # masked with a zero key
+class _RawWs:
+    """The hub's frames through protocol.wsframes, fed a byte at a time so that anything
+    the hub writes after its close frame is counted in `after_close`."""
+
+    def __init__(self, r: asyncio.StreamReader) -> None:
+        self.r = r
+        self.frames = FrameReader(server=False, max_message_bytes=1 << 24)
+        self.pending: list[Event] = []
+        self.after_close = 0
+
+    async def event(self) -> Event:
+        while not self.pending:
+            data = await self.r.read(65536)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            for i in range(len(data)):
+                if self.frames.done:
+                    self.after_close += len(data) - i
+                    break
+                self.pending += self.frames.feed(data[i:i + 1])
+        return self.pending.pop(0)
 
 
-async def _server_frame(r: asyncio.StreamReader) -> tuple[int, bytes]:
-    b0, b1 = await r.readexactly(2)
-    n = b1 & 0x7F
-    if n == 126:
-        n = struct.unpack(">H", await r.readexactly(2))[0]
-    elif n == 127:
-        n = struct.unpack(">Q", await r.readexactly(8))[0]
-    return b0 & 0x0F, await r.readexactly(n)
+_WS = FrameWriter(server=False, mask_key=ZERO_MASK_KEY)  # masked with a zero key
 
 
 async def test_no_data_frame_after_close_frame(hub):
@@ -342,26 +346,24 @@ async def test_no_data_frame_after_close_frame(hub):
                  "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                  f"Sec-WebSocket-Key: {key}\r\n\r\n").encode())
         assert b" 101 " in await r.readuntil(b"\r\n\r\n")
+        ws = _RawWs(r)
         ident = Identity.generate()
-        _op, data = await _server_frame(r)
-        ch = msgpack.unpackb(data)
-        w.write(_client_frame(2, msgpack.packb(
+        ch = msgpack.unpackb(await ws.event())
+        w.write(_WS.message(msgpack.packb(
             {"t": "hello", "key": ident.public_key,
              "sig": ident.sign_auth(ch["hub"], ch["nonce"])})))
-        _op, data = await _server_frame(r)
-        assert msgpack.unpackb(data)["t"] == "welcome"
+        assert msgpack.unpackb(await ws.event())["t"] == "welcome"
         # QoS 1 sends (answered after a store write) then a text message (close 1003)
-        w.write(b"".join(_client_frame(2, msgpack.packb(
-            {"t": "send", "id": i, "to": "nobody", "body": b"x", "qos": 1}))
-            for i in range(5)) + _client_frame(1, b"text"))
-        ops = []
+        w.write(_WS.messages([msgpack.packb(
+            {"t": "send", "id": i, "to": "nobody", "body": b"x", "qos": 1})
+            for i in range(5)]) + _WS.frame(OP_TEXT, b"text"))
+        events: list[Event] = []
         try:
             while True:
-                op, data = await asyncio.wait_for(_server_frame(r), timeout(0.3))
-                ops.append(op)
-                if op == 8:
-                    assert struct.unpack(">H", data[:2])[0] == 1003
+                events.append(await asyncio.wait_for(ws.event(), timeout(0.3)))
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
-        assert 8 in ops and ops.index(8) == len(ops) - 1, ops
+        last = events[-1] if events else None
+        assert type(last) is Close and last.code == 1003, events
+        assert ws.after_close == 0  # not a byte after the close frame
         w.close()
