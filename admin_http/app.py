@@ -12,6 +12,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from admin_http.routes import add_routes
+
 if TYPE_CHECKING:
     from hub.node import HubNode
 
@@ -73,9 +75,5 @@ def make_app(hub: HubNode, registry: CollectorRegistry) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    # Imported here (routes imports HUB_KEY from this module). Never optional: an import
-    # error must stop start-up, not silently take the /v1/ surface away.
-    from admin_http.routes import add_routes
-
-    add_routes(app)
+    add_routes(app, hub)
     return app

@@ -45,13 +45,12 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from aiohttp import web
 
-from admin_http.app import HUB_KEY
 from admin_http.openapi import Param, Resp, Route, build_document, check, parse_param
 from admin_http.problems import PROBLEM_CONTENT_TYPE, Problem, problem_response
 from hub.broker import BrokerUnavailable
 from hub.node import ADMIN_SENDER
 from hub.ratelimit import TokenBucket
-from hub.session import CLOSING
+from hub.session import CLOSED
 from persistence.store import NodeRecord, QueueFull, StoreUnavailable
 from protocol import errors as E
 from protocol.frames import MAX_META_BYTES
@@ -286,7 +285,7 @@ async def _node_views(hub: HubNode, recs: list[NodeRecord]) -> list[dict[str, An
     elsewhere = []
     for r in recs:
         s = hub.local.get(r.id)
-        if s is not None and s.state < CLOSING:
+        if s is not None and s.state is not CLOSED:
             where[r.id] = hub.instance_id
         else:
             elsewhere.append(r.id)
@@ -697,8 +696,8 @@ async def _read_json(request: web.Request) -> Any:
         raise Problem(400, "body is not JSON: nested too deeply") from None
 
 
-def _handler(route: Route, schema: dict[str, Any] | None) -> Callable[[web.Request],
-                                                                      Awaitable[web.StreamResponse]]:
+def _handler(route: Route, schema: dict[str, Any] | None,
+             hub: HubNode) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     assert route.handler is not None
     target = route.handler
     path_params = [p for p in route.params if p.where == "path"]
@@ -727,7 +726,6 @@ def _handler(route: Route, schema: dict[str, Any] | None) -> Callable[[web.Reque
             body = None
             if request.body_exists and await request.read():
                 check(await _read_json(request), _EMPTY_BODY)
-        hub: HubNode = request.app[HUB_KEY]  # type: ignore[assignment]
         response: web.StreamResponse = await target(Call(request, hub, path, query, body))
         return response
 
@@ -866,9 +864,8 @@ def _middleware(hub: HubNode) -> Any:
     return admin
 
 
-def add_routes(app: web.Application) -> None:
-    """Add every /v1/ route of ROUTES and the admin middleware to `app`."""
-    hub: HubNode = app[HUB_KEY]  # type: ignore[assignment]
+def add_routes(app: web.Application, hub: HubNode) -> None:
+    """Add every /v1/ route of ROUTES, serving `hub`, and the admin middleware to `app`."""
     schemas = components(hub.cfg)
     app[_COMPONENTS_KEY] = schemas
     app[_DOCUMENT_KEY] = openapi_document(hub.cfg)
@@ -879,4 +876,4 @@ def add_routes(app: web.Application) -> None:
         if r.handler is None:
             continue
         schema = schemas[r.body] if r.body is not None else None
-        app.router.add_route(r.method, r.path, _handler(r, schema), name=r.operation_id)
+        app.router.add_route(r.method, r.path, _handler(r, schema, hub), name=r.operation_id)

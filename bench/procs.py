@@ -50,6 +50,9 @@ HUB_ENV = {
     "OPENRED_HUB_LIMITS_MSGS_PER_S": "10000000", "OPENRED_HUB_LIMITS_BURST": "10000000",
     "OPENRED_HUB_LIMITS_HANDSHAKES_PER_S": "1000000",
     "OPENRED_HUB_LIMITS_SEND_QUEUE_MAX": "100000",
+    # Every simulated node connects from 127.0.0.1: one "IP" holds them all.
+    "OPENRED_HUB_LIMITS_MAX_CONNECTIONS_PER_IP": "0",
+    "OPENRED_HUB_LIMITS_MAX_CONNECTIONS": "1000000",
     "OPENRED_HUB_LOG_LEVEL": "warning",
     # A token, so the hub does not warn that the admin routes are off.
     "OPENRED_HUB_ADMIN_TOKENS": "bench-" + secrets.token_hex(16),

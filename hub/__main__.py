@@ -133,7 +133,8 @@ def _token(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _migrate(cfg: Config) -> int:
-    from persistence.store import StoreError, open_store
+    from persistence.backends import open_store
+    from persistence.store import StoreError
 
     store = open_store(cfg.store.url, auto_migrate=False, pool_size=cfg.store.pool_size)
     try:

@@ -11,19 +11,22 @@ import asyncio
 import logging
 import signal
 import ssl
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.registry import CollectorRegistry
 
 from admin_http.app import make_app
-from hub.broker import open_broker
+from hub.backends import open_broker
 from hub.config import Config
 from hub.metrics import Metrics
 from hub.node import HubNode
-from persistence.store import open_store
+from persistence.backends import open_store
 from protocol.tokens import TokenVerifier
 
 __all__ = ["RunningHub", "install_uvloop", "serve"]
@@ -55,12 +58,23 @@ def token_verifier(cfg: Config) -> TokenVerifier | None:
 
 
 class RunningHub:
+    """One hub process's resources, opened by `start()` and released by `stop()`.
+
+    Everything `start()` opens is pushed on one `AsyncExitStack`. When a step fails (a
+    port taken, the store unreachable or refusing to open), what was opened before it
+    is released in reverse order and the error propagates; `stop()` unwinds the same
+    stack. Its top entry, pushed once everything is up, is the drain (STYLE.md
+    "Resources": stop accepting, say `bye`, drain with a deadline), so the admin surface
+    still answers `/readyz` (503 shutting_down) while sessions drain, and the backends
+    go last.
+    """
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.registry = CollectorRegistry()
         self.node: HubNode | None = None
-        self._server: asyncio.Server | None = None
-        self._admin: web.AppRunner | None = None
+        self._stack: AsyncExitStack | None = None
+        self._admin: web.AppRunner | None = None  # tests/admin/test_openapi.py reads its app
         self.ws_port = cfg.server.ws_port
         self.admin_port = cfg.server.admin_port
 
@@ -74,35 +88,54 @@ class RunningHub:
 
     async def start(self) -> None:
         cfg = self.cfg
+        # A registry per start: a start that failed, or a stopped hub, starts again clean.
+        self.registry = CollectorRegistry()
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
-        metrics = Metrics(self.registry)
-        store = open_store(cfg.store.url, auto_migrate=cfg.store.auto_migrate,
-                           pool_size=cfg.store.pool_size,
-                           retention_days=cfg.store.retention_days)
-        await store.open()
-        self.store = store
-        broker = open_broker(cfg.broker.url, seed=store.last_seq, hub_id=cfg.server.hub_id)
-        node = HubNode(cfg, store, broker, metrics, token_verifier(cfg))
-        await broker.start(cfg.server.instance_id, node)
-        self.node = node
-        node.start()
-        ssl_ctx = None
-        if cfg.server.tls_cert and cfg.server.tls_key:
-            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            node.new_session, cfg.server.ws_host, cfg.server.ws_port, ssl=ssl_ctx,
-            backlog=4096, reuse_address=True)
-        self.ws_port = self._server.sockets[0].getsockname()[1]
-        runner = web.AppRunner(make_app(node, self.registry), access_log=None,
-                               handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.server.admin_host, cfg.server.admin_port)
-        await site.start()
-        self._admin = runner
-        self.admin_port = runner.addresses[0][1]
+        async with AsyncExitStack() as stack:
+            metrics = Metrics(self.registry)
+            store = open_store(cfg.store.url, auto_migrate=cfg.store.auto_migrate,
+                               pool_size=cfg.store.pool_size,
+                               retention_days=cfg.store.retention_days)
+            # Closed also when open() fails: it may hold a half-opened connection or thread.
+            stack.push_async_callback(store.close)
+            await store.open()
+            self.store = store
+            broker = open_broker(cfg.broker.url, seed=store.last_seq, hub_id=cfg.server.hub_id)
+            node = HubNode(cfg, store, broker, metrics, token_verifier(cfg))
+            stack.push_async_callback(broker.close)
+            await broker.start(cfg.server.instance_id, node)
+            node.start()
+            shut = _Once(node.shutdown, cfg.server.shutdown_grace_s)
+            stack.push_async_callback(shut)  # its housekeeping task, when a later step fails
+            self.node = node
+            stack.callback(setattr, self, "node", None)
+            ssl_ctx = None
+            if cfg.server.tls_cert and cfg.server.tls_key:
+                ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(
+                node.new_connection, cfg.server.ws_host, cfg.server.ws_port, ssl=ssl_ctx,
+                backlog=4096, reuse_address=True)
+            stack.push_async_callback(_close_server, server)
+            self.ws_port = server.sockets[0].getsockname()[1]
+            runner = web.AppRunner(make_app(node, self.registry), access_log=None,
+                                   handle_signals=False)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            self._admin = runner
+            stack.callback(setattr, self, "_admin", None)
+            site = web.TCPSite(runner, cfg.server.admin_host, cfg.server.admin_port)
+            await site.start()
+            self.admin_port = runner.addresses[0][1]
+
+            async def drain() -> None:
+                server.close()  # stop accepting first
+                await shut()
+
+            stack.push_async_callback(drain)
+            self._stack = stack.pop_all()
         if not cfg.admin.tokens:
             log.warning("no admin tokens configured: every /v1/ admin route answers 401",
                         extra={"event": "admin_disabled"})
@@ -112,21 +145,30 @@ class RunningHub:
             "instance": cfg.server.instance_id, "hub_id": cfg.server.hub_id})
 
     async def stop(self) -> None:
-        """Stop accepting, say bye, drain with a deadline, release backends."""
-        if self._server is not None:
-            self._server.close()
-        if self.node is not None:
-            await self.node.shutdown(self.cfg.server.shutdown_grace_s)
-        if self._admin is not None:
-            await self._admin.cleanup()
-            self._admin = None
-        if self.node is not None:
-            await self.node.broker.close()
-            await self.node.store.close()
-            self.node = None
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        """Stop accepting, say bye, drain with a deadline, then release the admin
+        surface, the server and the backends (the reverse of `start`). Idempotent."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+
+class _Once:
+    """An async call made at most once, however many stack entries ask for it."""
+
+    def __init__(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        self._fn = fn
+        self._args = args
+        self._done = False
+
+    async def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            await self._fn(*self._args)
+
+
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
 
 
 async def serve(cfg: Config) -> int:

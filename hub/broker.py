@@ -1,5 +1,5 @@
 """The `Broker` contract (cross-instance routing, cluster presence, topic sequences) and
-its in-process `memory` implementation.
+its in-process `memory` implementation. `backends.py` picks one from `broker.url`.
 
 The router always asks its local registry first and the broker second, so a single
 process and a cluster take the same code path; only the broker behind it differs.
@@ -28,7 +28,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
-__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "MemoryBroker", "open_broker"]
+__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "MemoryBroker"]
 
 
 class BrokerUnavailable(Exception):
@@ -202,15 +202,3 @@ class MemoryBroker:
 
     async def control(self, node_id: str, command: str) -> bool:
         return False
-
-
-def open_broker(url: str, seed: Callable[[str], Awaitable[int]] | None = None,
-                hub_id: str = "openred") -> Broker:
-    if url.startswith("memory:"):
-        return MemoryBroker(seed)
-    if url.startswith(("redis://", "rediss://")):
-        from hub.broker_redis import RedisBroker
-
-        broker: Broker = RedisBroker(url, hub_id=hub_id, seed=seed)
-        return broker
-    raise ValueError(f"broker.url: unsupported scheme {url.split(':', 1)[0]!r}")

@@ -1,5 +1,9 @@
 """Hub configuration: parsed once, at start-up, into frozen dataclasses.
 
+Longer than ~500 lines on purpose: it is one table of every key with its default and its
+rule side by side (STYLE.md "Names, errors, config"), and splitting the table would put a
+key's default and its check in different files.
+
 This module owns ARCHITECTURE.md "Backends and configuration": the sections and keys of
 `hub.toml`, their defaults (the dataclass defaults below, and nowhere else), the
 `OPENRED_HUB_<SECTION>_<KEY>` environment variables and the command-line overrides.
@@ -133,6 +137,25 @@ def _check_host(value: str) -> str:
 
 
 _PROXIES_ALLOWED: Final = "must be a list of IP addresses or CIDR networks (e.g. 10.0.0.0/8)"
+
+
+_ORIGINS_ALLOWED: Final = (
+    "must be a list of origins (scheme://host[:port], e.g. https://app.example.com), "
+    "'null', or '*' for any"
+)
+_ORIGIN_RE: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#@]+")
+
+
+def _check_origins(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Browsers send `Origin` as scheme://host[:port], lower-case scheme and host
+    (RFC 6454 §6.2): entries are compared as given after lower-casing."""
+    result: list[str] = []
+    for item in value:
+        origin = item.strip().lower().rstrip("/")
+        if origin not in ("*", "null") and not _ORIGIN_RE.fullmatch(origin):
+            raise _Bad(f"{_ORIGINS_ALLOWED}, got {item!r}")
+        result.append(origin)
+    return tuple(result)
 
 
 def _check_trusted_proxies(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -296,6 +319,12 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = _key(
         (), check=_check_trusted_proxies, allowed=_PROXIES_ALLOWED
     )
+    # docs/protocol.md §1: the HTTP upgrade must be complete this long after the TCP
+    # connect (slowloris); the hello timer starts only after it.
+    open_timeout_s: float = _key(10.0, gt=0)
+    # docs/protocol.md §1: a request carrying `Origin` (a browser) is refused with 403
+    # unless its origin is listed; requests without one (non-browser nodes) pass.
+    allowed_origins: tuple[str, ...] = _key((), check=_check_origins, allowed=_ORIGINS_ALLOWED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +390,13 @@ class LimitsConfig:
     max_pending_per_node: int = _key(100000, ge=1)
     handshakes_per_s: int = _key(200, ge=1)
     hb_s: int = _key(20, ge=1)
+    # docs/protocol.md §8: a slow consumer is cut off past either bound; bytes bound
+    # what 10,000 large frames would otherwise hold (1.3 GB at 128 KiB each).
+    send_queue_max_bytes: int = _key(8 * 1024 * 1024, ge=1)
+    # Open TCP connections, upgraded or not: past the total the upgrade gets 503, past
+    # the per-IP count 429 (0: no per-IP cap).
+    max_connections: int = _key(100_000, ge=1)
+    max_connections_per_ip: int = _key(1000, ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -742,6 +778,13 @@ def _cross_checks(values: dict[tuple[str, str], Any], origins: dict[tuple[str, s
             "max_body_bytes",
             f"must be <= limits.max_frame_bytes ({frame}), got {body}",
         )
+
+    queue_bytes = values[("limits", "send_queue_max_bytes")]
+    if queue_bytes < 2 * frame:
+        # A queue must hold at least two of the largest frames, or one big reply would
+        # make any session a slow consumer.
+        raise fail("limits", "send_queue_max_bytes",
+                   f"must be >= 2 x limits.max_frame_bytes ({2 * frame}), got {queue_bytes}")
 
     ttl, days = values[("store", "message_ttl_s")], values[("store", "retention_days")]
     if days * 86400 <= ttl:

@@ -2,40 +2,52 @@
 (node id -> session, topic -> sessions) and every routing decision.
 
 Cluster-wide delivery always goes through the methods here (local registry first, broker
-second), never around them. `HubNode` is also the broker's handler for traffic from
-other instances, and the target of operator actions (kick, ban, server-side send).
+second), never around them; sessions (hub/session.py) reach the store and the broker
+only through them. `HubNode` is also the broker's handler for traffic from other
+instances, and the target of operator actions (kick, ban, server-side send). Who gets a
+session at all is hub/admission.py's call.
+
+Why this module is over 500 lines: it is the router, and every routing decision (direct,
+QoS 1, topics, presence, operator actions, broker traffic) stays in one place on purpose,
+so that no delivery can go around it. What is not a routing decision lives elsewhere:
+admission, the QoS 1 inbox and resyncs, the WebSocket edge.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import time
-from collections import deque
 from functools import partial
 from typing import Any
 
+from hub.admission import Admission
 from hub.broker import Broker, BrokerUnavailable, MemoryBroker
 from hub.config import Config, effective_limits
 from hub.forwarded import TrustedProxies
 from hub.metrics import Metrics
-from hub.ratelimit import IpLimiter
-from hub.session import ACTIVE, AUTH, CLOSING, Session
-from persistence.store import Store, StoreUnavailable
+from hub.resync import RESYNC_COMMAND, Resyncs
+from hub.session import ACTIVE, CLOSED, Session
+from hub.transport import Connection
+from persistence.store import (
+    HistoryEntry,
+    QueueFull,
+    Store,
+    StoredMessage,
+    StoreError,
+    StoreUnavailable,
+)
 from protocol import errors as E
 from protocol.frames import (
     DecodeLimits,
-    Hello,
+    Send,
     encode_bye,
-    encode_error,
     encode_msg,
     encode_receipt,
     encode_topic_msg,
-    encode_welcome,
 )
-from protocol.handshake import Authenticated, ServerHandshake
+from protocol.handshake import ServerHandshake
 from protocol.ids import MidGenerator
 from protocol.tokens import TokenVerifier
 
@@ -45,12 +57,7 @@ log = logging.getLogger("openred.hub")
 
 MEMORY_SEQ_TOPICS = 100_000  # topic sequences cached by the memory broker
 ADMIN_SENDER = "$admin"  # §4: outside the node id alphabet, so no node can claim it
-# Broker control command: "read this node's stored QoS 1 queue again" (HubNode.resync).
-# An instance that does not know it ignores it (on_control).
-RESYNC = "resync"
 UNACKED_TRACKED = 10_000
-MAX_UNREACHED = 100_000  # recipients remembered for a resync hint (memory bound)
-HINT_CHUNK = 1000  # resync hints queued per loop turn (one broker pipeline each)
 
 
 def _now_ms() -> int:
@@ -70,7 +77,7 @@ class HubNode:
         self.clustered = not cfg.broker.url.startswith("memory:")
         self.allowlist = cfg.auth.mode == "allowlist"
         self.send_queue_max = cfg.limits.send_queue_max
-        # QoS 1 mids a session remembers as written and unacked (Session._in_flight):
+        # QoS 1 mids a session remembers as written and unacked (hub/inbox.py):
         # no more than a node may have pending, and never more than UNACKED_TRACKED, so
         # a node that never acks costs at most about 1 MB here.
         self.max_unacked = min(cfg.limits.max_pending_per_node, UNACKED_TRACKED)
@@ -78,7 +85,6 @@ class HubNode:
         self.verify_body_sig = cfg.auth.verify_body_sig
         self.decode_limits = DecodeLimits(max_body_bytes=cfg.limits.max_body_bytes)
         self.welcome_limits = effective_limits(cfg)
-        self.ip_limiter = IpLimiter(cfg.limits.handshakes_per_s, cfg.limits.burst)
         self.trusted_proxies = TrustedProxies(cfg.server.trusted_proxies)
         self.ws_extensions: list[Any] | None = None
         if cfg.server.compression:
@@ -88,35 +94,31 @@ class HubNode:
 
             self.ws_extensions = [ServerPerMessageDeflateFactory()]
         self.mid = MidGenerator()
-        self.connections: set[Session] = set()
+        self.connections: set[Connection] = set()
         self.local: dict[str, Session] = {}
         self.topics: dict[str, set[Session]] = {}
         self.accepting = True
         self._all_closed: asyncio.Event | None = None
         self._route_n = 0
-        self._dirty: list[Session] = []
+        self._dirty: list[Connection] = []
         self._dirty_scheduled = False
         self._interest: dict[str, asyncio.Future[Any]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
-        # Sessions waiting to read their stored queue again, and how many read now: at
-        # most half the store's pool, the rest stays for live traffic.
-        self._resync_wait: deque[Session] = deque()
-        self._resync_queued: set[Session] = set()
-        self._resync_running = 0
-        self._resync_limit = max(1, cfg.store.pool_size // 2)
-        # Recipients of QoS 1 that this instance stored but could not hand to the
-        # broker: when it is back, their holders are told to resync.
-        self._unreached: set[str] = set()
-        self._hinting = False
+        self.resyncs = Resyncs(self)
+        self.admission = Admission(self)
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def new_session(self) -> Session:
-        return Session(self)
+    def new_connection(self) -> Connection:
+        """The WebSocket server's protocol factory: one per accepted TCP connection."""
+        return Connection(self)
 
-    def connection_closed(self, session: Session) -> None:
-        self.connections.discard(session)
+    def new_session(self, conn: Connection) -> Session:
+        return Session(self, conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 
@@ -141,25 +143,27 @@ class HubNode:
         bye = encode_bye("shutdown", retry_ms)
         # Stop reading first, so that what was accepted gets its `ok` before the bye.
         inflight: list[asyncio.Task[Any]] = []
-        for s in list(self.connections):
-            if s.transport is not None:
-                s.transport.pause_reading()
-            inflight.extend(t for t in s._tasks if not t.done())
+        for c in list(self.connections):
+            c.pause_reading()
+            if c.session is not None:
+                inflight.extend(c.session.pending_tasks())
         if inflight:
             await asyncio.wait(inflight, timeout=grace_s)
-        for s in list(self.connections):
-            s.close(E.CLOSE_RESTART, "restart", bye=bye)
-            if s.transport is not None:
-                s.transport.resume_reading()  # to read the peer's close frame (§7)
+        for c in list(self.connections):
+            # The close resumes reading, for the peer's close frame (§8).
+            if c.session is not None and c.session.active:
+                c.close(E.CLOSE_RESTART, "restart", (bye,))
+            else:
+                c.close(E.CLOSE_RESTART, "restart")
         if self.connections:
             self._all_closed = asyncio.Event()
             try:
                 await asyncio.wait_for(self._all_closed.wait(), min(grace_s, 2.0))
             except TimeoutError:
                 pass
-        for s in list(self.connections):
-            if s.transport is not None:
-                s.transport.abort()
+        for c in list(self.connections):
+            if c.transport is not None:
+                c.transport.abort()
 
     async def _housekeep(self) -> None:
         """Once a second: pings every hb, idle close after 3 x hb (§7); every minute:
@@ -171,16 +175,16 @@ class HubNode:
             await asyncio.sleep(1.0)
             tick += 1
             now = self.loop.time()
-            for s in list(self.connections):
-                if s.state != ACTIVE:
+            for c in list(self.connections):
+                s = c.session
+                if s is None or s.state is not ACTIVE:
                     continue
-                if now - s.last_rx > idle:
+                if now - c.last_rx > idle:
                     s.close(E.CLOSE_IDLE, "idle timeout")
-                elif now - s.last_ping >= hb:
-                    s.last_ping = now
-                    s.send_ping()
-            if self._unreached and not self._hinting:
-                self.background(self._send_resync_hints())
+                elif now - c.last_ping >= hb:
+                    c.last_ping = now
+                    c.send_ping()
+            self.resyncs.hint_if_due()
             if tick % 60 == 0:
                 try:
                     await self.store.purge_expired(_now_ms())
@@ -191,74 +195,13 @@ class HubNode:
                 except Exception:  # housekeeping must outlive any one failure
                     log.exception("housekeeping failed", extra={"event": "housekeeping_failed"})
 
-    # -- handshake (§2) -------------------------------------------------------------
+    # -- the local registry ---------------------------------------------------------
 
-    def auth_refused(self, session: Session, reason: str, code: str = E.AUTH_FAILED,
-                     close_code: int = E.CLOSE_AUTH_FAILED, node: str | None = None) -> None:
-        m = self.metrics
-        m.handshakes["failed" if code == E.AUTH_FAILED else code] += 1
-        if code == E.AUTH_FAILED:
-            m.auth_failures[_reason_label(reason)] += 1
-        self.store.audit_nowait("auth_failed" if code == E.AUTH_FAILED else "auth_refused",
-                                node, session.ip, {"reason": reason, "code": code}, _now_ms())
-        msg = "authentication failed" if code == E.AUTH_FAILED else reason
-        session.close(close_code, code, error=encode_error(None, code, msg))
-
-    async def authenticate(self, session: Session, hello: Hello) -> None:
-        try:
-            auth = session._handshake.check(hello)
-        except E.HandshakeError as exc:
-            self.auth_refused(session, exc.reason)
-            return
-        node_id = auth.node_id
-        now = _now_ms()
-        session_id = self.mid(now)
-        # Register first, check bans after: a ban committed after our read below finds
-        # this session in the registry, so no ban can slip between check and register.
-        # The node proved its identity already; replacing its old session is its right.
-        old = self.local.get(node_id)
-        if old is not None and old is not session:
-            old.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
-        session.register(node_id, session_id)
-        self.local[node_id] = session
+    def attach(self, session: Session) -> None:
+        """Make a session the node's route on this instance (hub/admission.py, before
+        the welcome)."""
+        self.local[session.node_id] = session
         self.metrics.connections += 1
-        if self.clustered:
-            try:  # before welcome: from welcome on, other instances can reach the node
-                await self.broker.claim(node_id, session_id)
-            except Exception:
-                log.warning("broker claim failed", extra={"event": "claim_failed"})
-        try:
-            rec = await self.store.get_node(node_id)
-            if session.state != AUTH:  # the peer went away while we waited
-                return
-            if rec is not None and rec.banned:
-                self.auth_refused(session, "banned", E.FORBIDDEN, E.CLOSE_FORBIDDEN, node_id)
-                return
-            if self.allowlist and (rec is None or not rec.registered):
-                self.auth_refused(session, "not registered", E.FORBIDDEN, E.CLOSE_FORBIDDEN,
-                                  node_id)
-                return
-            await self.store.node_seen(node_id, hello.key, hello.meta, now)
-            pending = await self.store.count_pending(node_id, now)
-        except StoreUnavailable:
-            self.metrics.handshakes["unavailable"] += 1
-            session.close(E.CLOSE_INTERNAL, "store unavailable",
-                          error=encode_error(None, E.UNAVAILABLE, "store unavailable"))
-            return
-        if session.state != AUTH:
-            return
-        if auth.key is None and rec is not None and rec.key is not None:
-            # A token-authenticated node whose operator registered a key: the key is
-            # still what body signatures are checked against (auth.verify_body_sig).
-            auth = Authenticated(auth.node_id, rec.key, auth.topics, auth.batch, auth.meta,
-                                 auth.method)
-        self.metrics.handshakes["ok"] += 1
-        self.store.audit_nowait("auth_ok", node_id, session.ip, {"method": auth.method}, now)
-        session.activate(auth, encode_welcome(node_id, session_id, self.cfg.limits.hb_s,
-                                              pending, self.welcome_limits))
-        # Replay even when `pending` was 0: with a concurrent store a message may have
-        # been stored between the count and the registration above.
-        await session.replay_queue()
 
     def detach(self, session: Session) -> None:
         node_id = session.node_id
@@ -271,6 +214,66 @@ class HubNode:
             self._drop_subscriber(session, topic)
 
     # -- routing ------------------------------------------------------------------
+
+    def route0(self, session: Session, f: Send, mid: str, frame: bytes) -> None:
+        """A QoS 0 direct message (§5): to the local session, else through the broker,
+        else dropped (`no_route` when the frame has an id)."""
+        target = self.local.get(f.to)
+        if target is not None:
+            metrics = self.metrics
+            metrics.routed["local"] += 1
+            metrics.frames_out["msg"] += 1
+            target.push(frame)
+            self.sample_route(session.rx_time)
+            if f.id is not None:
+                session.reply_ok(f.id, mid=mid, status="sent")
+        elif self.clustered:
+            try:
+                fut = self.broker.publish_to_node_nowait(f.to, frame, 0, mid, f.id is not None)
+            except Exception:
+                if f.id is not None:
+                    session.reply_error(f.id, E.UNAVAILABLE, "broker unavailable")
+                return
+            self.metrics.routed["remote"] += 1
+            if fut is not None:
+                fut.add_done_callback(partial(_remote_result, session, f.id, mid))
+        else:
+            self.metrics.routed["dropped"] += 1
+            if f.id is not None:
+                session.reply_error(f.id, E.NO_ROUTE, "node is offline")
+
+    async def send_q1(self, session: Session, f: Send, mid: str, ts: int,
+                      prev: asyncio.Future[Any] | None = None) -> None:
+        """A QoS 1 direct message (§5): stored before `ok`, then delivered behind the
+        sender's earlier messages (`prev`)."""
+        store = self.store
+        try:
+            if self.allowlist:
+                rec = await store.get_node(f.to)
+                if rec is None or not rec.registered:
+                    session.reply_error(f.id, E.NO_ROUTE, "node is not registered")
+                    return
+            ttl = f.ttl if f.ttl is not None else self.message_ttl_s
+            msg = StoredMessage(mid, session.node_id, f.to, f.body, ts, ts + ttl * 1000,
+                                f.sig, f.receipt)
+            t0 = time.perf_counter()
+            await store.enqueue(msg, self.cfg.limits.max_pending_per_node)
+            self.metrics.store_write_seconds.observe(time.perf_counter() - t0)
+        except QueueFull:
+            session.reply_error(f.id, E.QUEUE_FULL, "recipient queue is full")
+            return
+        except StoreUnavailable:
+            session.reply_error(f.id, E.UNAVAILABLE, "store unavailable")
+            return
+        except StoreError:  # refused for this message alone (e.g. a duplicate mid)
+            log.exception("qos 1 store write refused", extra={"event": "store_refused"})
+            session.reply_error(f.id, E.INTERNAL, "message not stored")
+            return
+        session.reply_ok(f.id, mid=mid, status="stored")  # §5: stored before ok
+        frame = encode_msg(mid, session.node_id, f.body, ts, 1, f.sig)
+        if prev is not None and not prev.done():
+            await asyncio.wait((prev,))  # §5 order: this sender's earlier messages first
+        await self.deliver_q1(f.to, mid, frame)
 
     async def publish_to_node(self, node_id: str, frame: bytes, qos: int, mid: str) -> bool:
         t0 = time.perf_counter()
@@ -288,7 +291,7 @@ class HubNode:
             target.push_q1(mid, frame)
             return
         if self.clustered:
-            if node_id in self._unreached:
+            if self.resyncs.unreached(node_id):
                 # An earlier message to it is stored unsent: this one must not overtake
                 # it (§4 order). Both go with the resync when the broker is back.
                 self.metrics.routed["queued"] += 1
@@ -299,18 +302,10 @@ class HubNode:
             except BrokerUnavailable:
                 # Stored. The node may be online on another instance: it gets this once
                 # the broker is back (on_broker_up), not only at its next session.
-                self._note_unreached(node_id)
+                self.resyncs.note_unreached(node_id)
             except Exception:
                 pass  # stored: delivered on the node's next session
         self.metrics.routed["queued"] += 1
-
-    def _note_unreached(self, node_id: str) -> None:
-        if len(self._unreached) < MAX_UNREACHED:
-            self._unreached.add(node_id)
-        elif node_id not in self._unreached:
-            # Past the bound, the node gets it at its next session (or when its own
-            # instance sees the broker come back), as before resync hints existed.
-            log.debug("resync hint dropped", extra={"event": "resync_hint_dropped"})
 
     def push_to_sender(self, node_id: str, frame: bytes) -> None:
         target = self.local.get(node_id)
@@ -348,8 +343,6 @@ class HubNode:
             if self.clustered and await self.publish_to_node(to, frame, 0, mid):
                 return mid, "sent"
             return mid, "no_route"
-        from persistence.store import StoredMessage
-
         ttl = ttl_s if ttl_s is not None else self.cfg.store.message_ttl_s
         await self.store.enqueue(StoredMessage(mid, ADMIN_SENDER, to, body, now,
                                                now + ttl * 1000),
@@ -395,8 +388,6 @@ class HubNode:
     async def publish(self, session: Session | None, fid: int | str | None, topic: str,
                       body: bytes, sender: str | None = None) -> tuple[str, int] | None:
         """Sequence, keep in history, fan out (local, then other instances)."""
-        from persistence.store import HistoryEntry
-
         sender = sender if sender is not None else session.node_id if session else ADMIN_SENDER
         try:
             seq = await self.broker.next_seq(topic)
@@ -430,11 +421,20 @@ class HubNode:
             session.reply_ok(fid, mid=mid, seq=seq)
         return mid, seq
 
-    def mark_dirty(self, session: Session) -> None:
-        """A session has frames to write: all such sessions are flushed by one callback
-        at the end of this loop iteration (a fan-out to 10,000 sessions schedules one
+    async def history_since(self, topic: str, since: int) -> list[HistoryEntry]:
+        """What topic history holds after `since` (§6 recovery)."""
+        return await self.store.history_since(
+            topic, since, _now_ms(), self.cfg.store.topic_history_ttl_s * 1000)
+
+    async def topic_seq(self, topic: str) -> int:
+        """The topic's current sequence, cluster wide."""
+        return await self.broker.last_seq(topic)
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """A connection has frames to write: all such are flushed by one callback at
+        the end of this loop iteration (a fan-out to 10,000 sessions schedules one
         callback, not 10,000)."""
-        self._dirty.append(session)
+        self._dirty.append(conn)
         if not self._dirty_scheduled:
             self._dirty_scheduled = True
             self.loop.call_soon(self._flush_dirty)
@@ -442,8 +442,8 @@ class HubNode:
     def _flush_dirty(self) -> None:
         self._dirty_scheduled = False
         dirty, self._dirty = self._dirty, []
-        for s in dirty:
-            s._flush()
+        for c in dirty:
+            c.flush()
 
     def sample_route(self, rx_time: float) -> None:
         """route_seconds: one message in 256 is timed from its read to the write of
@@ -485,79 +485,19 @@ class HubNode:
     def close_node(self, node_id: str, code: int, reason: str) -> bool:
         """Close a node's local session (kick 4012, ban 4003); True if one was here."""
         s = self.local.get(node_id)
-        if s is None or s.state >= CLOSING:
+        if s is None or s.state is CLOSED:
             return False
         s.close(code, reason, bye=encode_bye(reason))
         return True
 
-    # -- QoS 1 after a broker outage ----------------------------------------------------
+    # -- QoS 1 after a broker outage (hub/resync.py) ------------------------------------
 
     def resync(self, session: Session) -> None:
-        """Have a session read its stored QoS 1 queue again and get what it has not got
-        in flight. Sessions take turns: at most `_resync_limit` read the store at once,
-        so 10,000 sessions do not fire 10,000 queries when the broker comes back."""
-        if session in self._resync_queued or not session.request_resync():
-            return
-        self._resync_queued.add(session)
-        self._resync_wait.append(session)
-        self._next_resyncs()
-
-    def _next_resyncs(self) -> None:
-        while self._resync_wait and self._resync_running < self._resync_limit:
-            session = self._resync_wait.popleft()
-            self._resync_queued.discard(session)
-            task = session.start_resync()
-            if task is not None:
-                self._resync_running += 1
-                task.add_done_callback(self._resync_done)
-
-    def _resync_done(self, _task: asyncio.Task[Any]) -> None:
-        self._resync_running -= 1
-        self._next_resyncs()
+        self.resyncs.schedule(session)
 
     def on_broker_up(self) -> None:
-        """The broker is reachable again (hub/broker.py). QoS 1 messages stored while it
-        was not, for nodes online on some instance, were never brought to them: every
-        local session reads its queue again, and the holders of nodes this instance
-        could not reach are told to do the same (their instance may not have seen the
-        broker go away at all)."""
-        try:
-            for s in list(self.local.values()):
-                self.resync(s)
-            if self._unreached and not self._hinting:
-                self.background(self._send_resync_hints())
-        except Exception:  # called from the broker's reader: never break it
-            log.exception("resync after broker outage failed",
-                          extra={"event": "resync_failed"})
-
-    async def _send_resync_hints(self) -> None:
-        """Tell the holders of the unreached nodes to resync them, a chunk at a time
-        (the hints of one chunk share a broker round trip). Stops when the broker
-        refuses a whole chunk; on_broker_up or housekeeping (every second, for a broker
-        that refused while it was up, e.g. its backlog full) starts it again."""
-        if self._hinting:
-            return
-        self._hinting = True
-        try:
-            while self._unreached:
-                chunk = list(itertools.islice(self._unreached, HINT_CHUNK))
-                sent = await asyncio.gather(*(self._send_resync_hint(n) for n in chunk))
-                if not any(sent):
-                    return
-        finally:
-            self._hinting = False
-
-    async def _send_resync_hint(self, node_id: str) -> bool:
-        # Forgotten in the same step as the hint is queued: a message routed after this
-        # goes through the broker behind the hint (§4 order); one routed before was
-        # stored before, so the holder's read finds it.
-        self._unreached.discard(node_id)
-        try:
-            await self.broker.control(node_id, RESYNC)
-        except Exception:
-            self._note_unreached(node_id)
-            return False
-        return True
+        """The broker is reachable again (hub/broker.py): see `Resyncs.on_broker_up`."""
+        self.resyncs.on_broker_up(list(self.local.values()))
 
     # -- broker handler (traffic from other instances) --------------------------------
 
@@ -583,16 +523,18 @@ class HubNode:
             s.close(E.CLOSE_KICKED, "kicked", bye=encode_bye("kicked"))
         elif command == "ban":
             s.close(E.CLOSE_FORBIDDEN, "banned", bye=encode_bye("banned"))
-        elif command == RESYNC:
+        elif command == RESYNC_COMMAND:
             self.resync(s)
 
 
-def _reason_label(reason: str) -> str:
-    """Bounded label values for auth_failures_total{reason}."""
-    from protocol.tokens import TOKEN_ERROR_REASONS
-
-    if reason in TOKEN_ERROR_REASONS:
-        return reason
-    if reason == "bad_signature" or reason.startswith(("sig", "key")):
-        return "bad_signature"
-    return "bad_hello"
+def _remote_result(session: Session, fid: int | str | None, mid: str,
+                   fut: asyncio.Future[bool]) -> None:
+    """§5 QoS 0 across instances: `ok sent` if an instance held the node."""
+    if session.state is not ACTIVE:
+        return
+    if fut.cancelled() or fut.exception() is not None:
+        session.reply_error(fid, E.UNAVAILABLE, "broker unavailable")
+    elif fut.result():
+        session.reply_ok(fid, mid=mid, status="sent")
+    else:
+        session.reply_error(fid, E.NO_ROUTE, "node is offline")

@@ -1,9 +1,11 @@
 """Durable state of the hub: the `Store` contract (`store.py`) and its backends.
 
-The public API is the contract and `open_store(url)`; backends (`sqlite.py`,
-`postgres.py`) are picked by URL and imported only when used.
+The public API is the contract and `open_store(url)` (`backends.py`); backends
+(`sqlite.py`, `postgres.py`) are picked by URL and imported only when used. Their shared
+migration files and checks are `migrations.py`.
 """
 
+from persistence.backends import open_store
 from persistence.store import (
     AckResult,
     AuditEvent,
@@ -15,7 +17,6 @@ from persistence.store import (
     StoredMessage,
     StoreError,
     StoreUnavailable,
-    open_store,
 )
 
 __all__ = [

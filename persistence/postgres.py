@@ -42,7 +42,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -50,8 +49,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import asyncpg.exceptions
 
-from persistence.sqlite import ACKED_KEEP_MS, Migration, load_migrations
+from persistence.migrate import (
+    Migration,
+    check_applied,
+    load_migrations,
+    packaged_migrations,
+)
 from persistence.store import (
+    ACKED_KEEP_MS,
     AckResult,
     AuditEvent,
     HistoryEntry,
@@ -683,7 +688,7 @@ class PostgresStore:
     def _load_migrations(self) -> list[Migration]:
         directory = self._migrations_dir
         if directory is None:
-            directory = resources.files("persistence").joinpath("migrations", "postgres")
+            directory = packaged_migrations("postgres")
         return load_migrations(directory)
 
     async def _lock_name(self, conn: Any, what: str) -> str:
@@ -707,7 +712,7 @@ class PostgresStore:
                 if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
                     return [m.name for m in migrations]
                 applied = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
-                return [m.name for m in _check_applied(migrations, applied)]
+                return [m.name for m in check_applied(migrations, applied)]
             async with conn.transaction():
                 await conn.execute(_SQL_LOCK, await self._lock_name(conn, "migrate"),
                                    timeout=timeout)
@@ -720,7 +725,7 @@ class PostgresStore:
                     " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
                     " applied_at timestamptz NOT NULL DEFAULT now())")
                 applied = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
-                pending = _check_applied(migrations, applied)
+                pending = check_applied(migrations, applied)
                 for migration in pending:
                     try:
                         # No arguments: the simple query protocol runs the whole file.
@@ -1450,23 +1455,6 @@ class PostgresStore:
             else:
                 taken.add(key)
                 outcomes.append((item, None, None))
-
-
-def _check_applied(migrations: list[Migration], applied: list[Any]) -> list[Migration]:
-    """Refuse unknown or changed applied migrations; return the pending ones."""
-    known = {m.version: m for m in migrations}
-    done: set[int] = set()
-    for version, name, checksum in sorted((int(r[0]), str(r[1]), str(r[2])) for r in applied):
-        migration = known.get(version)
-        if migration is None:
-            raise StoreError(f"store: the database has migration {name}, unknown to "
-                             "this hub version (downgrade?)")
-        if migration.checksum != checksum:
-            raise StoreError(f"store: migration {migration.name} changed after it was "
-                             "applied (checksum mismatch); restore the file and put the "
-                             "change in a new migration")
-        done.add(version)
-    return [m for m in migrations if m.version not in done]
 
 
 def _terminate(conn: Any) -> None:

@@ -21,23 +21,26 @@ batch with `StoreUnavailable`: nothing of it was committed.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
-import re
 import sqlite3
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any, TypeVar, cast
 
+from persistence.migrate import (
+    Migration,
+    check_applied,
+    load_migrations,
+    packaged_migrations,
+)
 from persistence.store import (
+    ACKED_KEEP_MS,
     AckResult,
     AuditEvent,
     HistoryEntry,
@@ -58,9 +61,6 @@ T = TypeVar("T")
 MEMORY = ":memory:"
 _URL_FORMS = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
 
-# Acked rows are kept this long so `message_state` can still answer "acked" (housekeeping
-# in `purge_expired` deletes them afterwards).
-ACKED_KEEP_MS = 86_400_000
 SWITCH_INTERVAL_S = 0.0005  # see _start
 
 # sqlite3 errors that belong to one operation (bad input, a constraint): that caller gets
@@ -103,44 +103,6 @@ def parse_sqlite_url(url: str) -> str:
 # -- migrations -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str  # file name without ".sql", e.g. "0001_init"
-    sql: str
-    checksum: str  # sha256 hex of the file, line endings normalised
-
-
-_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-def load_migrations(directory: Traversable | None = None) -> list[Migration]:
-    """The migrations of `directory` (default: the packaged sqlite ones), in order."""
-    if directory is None:
-        directory = resources.files("persistence").joinpath("migrations", "sqlite")
-    found: dict[int, Migration] = {}
-    for entry in directory.iterdir():
-        if not entry.name.endswith(".sql"):
-            continue
-        match = _MIGRATION_NAME.match(entry.name)
-        if match is None:
-            raise StoreError(f"store: bad migration file name {entry.name!r} "
-                             "(want NNNN_name.sql)")
-        raw = entry.read_bytes()
-        # A checkout with CRLF line endings is the same migration, not a changed one.
-        normalised = raw.replace(b"\r\n", b"\n")
-        migration = Migration(
-            version=int(match.group(1)),
-            name=entry.name[:-4],
-            sql=normalised.decode("utf-8"),
-            checksum=hashlib.sha256(normalised).hexdigest(),
-        )
-        if migration.version in found:
-            raise StoreError(f"store: two migrations with version {migration.version:04d}")
-        found[migration.version] = migration
-    return [found[v] for v in sorted(found)]
-
-
 def split_statements(name: str, sql: str) -> list[str]:
     """Split a migration into single statements (sqlite3 executes one at a time)."""
     statements: list[str] = []
@@ -170,21 +132,8 @@ def _run_migrations(conn: sqlite3.Connection, migrations: list[Migration],
             " version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
             " checksum TEXT NOT NULL, applied_at INTEGER NOT NULL)"
         )
-        applied = {
-            int(row[0]): (str(row[1]), str(row[2]))
-            for row in conn.execute("SELECT version, name, checksum FROM schema_migrations")
-        }
-        known = {m.version: m for m in migrations}
-        for version, (name, checksum) in sorted(applied.items()):
-            migration = known.get(version)
-            if migration is None:
-                raise StoreError(f"store: the database has migration {name}, unknown to "
-                                 "this hub version (downgrade?)")
-            if migration.checksum != checksum:
-                raise StoreError(f"store: migration {migration.name} changed after it was "
-                                 "applied (checksum mismatch); restore the file and put the "
-                                 "change in a new migration")
-        pending = [m for m in migrations if m.version not in applied]
+        pending = check_applied(
+            migrations, conn.execute("SELECT version, name, checksum FROM schema_migrations"))
         if not apply:
             conn.execute("ROLLBACK")
             return [m.name for m in pending]
@@ -798,7 +747,10 @@ class SqliteStore:
     # -- the store thread ------------------------------------------------------------------------
 
     def _migrations(self, conn: sqlite3.Connection, apply: bool) -> list[str]:
-        return _run_migrations(conn, load_migrations(self._migrations_dir), apply)
+        directory = self._migrations_dir
+        if directory is None:
+            directory = packaged_migrations("sqlite")
+        return _run_migrations(conn, load_migrations(directory), apply)
 
     def _connect(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < (3, 24, 0):  # UPSERT

@@ -1,8 +1,8 @@
 """The `Store` contract: what the hub keeps durably, and what each backend guarantees.
 
 Owned here: the `Store` protocol (nodes, QoS 1 queues, topic history, audit events), the
-record types it returns, and `open_store(url)`, which picks the implementation from
-`store.url`. Implementations live beside it (`sqlite.py`, `postgres.py`) and are held to
+record types it returns and the errors it raises. Implementations live beside it
+(`sqlite.py`, `postgres.py`; `backends.py` picks one from `store.url`) and are held to
 this docstring by one conformance suite (`tests/persistence/`), run against each.
 
 Guarantees every implementation gives:
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = [
+    "ACKED_KEEP_MS",
     "AckResult",
     "AuditEvent",
     "HistoryEntry",
@@ -50,8 +51,11 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredMessage",
-    "open_store",
 ]
+
+# Acked rows are kept this long so `message_state` can still answer "acked"; every
+# backend's `purge_expired` deletes them afterwards.
+ACKED_KEEP_MS = 86_400_000
 
 
 class StoreError(Exception):
@@ -215,21 +219,3 @@ class Store(Protocol):
     async def audit_query(self, node: str | None, kind: str | None, since: int | None,
                           limit: int, before_id: int | None) -> list[AuditEvent]:
         """Newest first, id < before_id when given."""
-
-
-def open_store(url: str, *, auto_migrate: bool = True, pool_size: int = 10,
-               retention_days: int = 30) -> Store:
-    """Build (not yet open) the store named by `store.url`. `retention_days` bounds the
-    partitioned PostgreSQL tables (dropped by day); SQLite purges rows instead."""
-    if url.startswith("sqlite:"):
-        from persistence.sqlite import SqliteStore
-
-        return SqliteStore(url, auto_migrate=auto_migrate)
-    if url.startswith(("postgresql:", "postgres:")):
-        from persistence.postgres import PostgresStore
-
-        store: Store = PostgresStore(url, auto_migrate=auto_migrate, pool_size=pool_size,
-                                     retention_days=retention_days)
-        return store
-    raise ValueError(f"store.url: unsupported scheme in {url.split(':', 1)[0]!r}; "
-                     "use sqlite:/// or postgresql://")

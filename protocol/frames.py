@@ -10,6 +10,7 @@ Sans-I/O: no asyncio, no sockets. The decoder never raises anything but `DecodeE
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple, cast
@@ -30,8 +31,10 @@ __all__ = [
     "MAX_ACK_MIDS",
     "MAX_ID_CHARS",
     "MAX_META_BYTES",
+    "MAX_META_DEPTH",
     "MAX_PRESENCE_NODES",
     "MAX_SIG_BYTES",
+    "MAX_SINCE",
     "MAX_TOPIC_CHARS",
     "Ack",
     "ClientFrame",
@@ -60,10 +63,19 @@ __all__ = [
 MAX_ID_CHARS: Final = 64
 MAX_TOPIC_CHARS: Final = 200
 MAX_META_BYTES: Final = 4096
+# §3 hello: `meta` is stored as JSON and shown to operators as JSON, so it must be JSON
+# (str keys, finite numbers). 16 levels of maps and arrays, `meta` itself the first, is far
+# more than a descriptive record needs, and keeps every reader that recurses (the store's
+# and the admin API's JSON codecs, the SDKs) far from its own stack limit.
+MAX_META_DEPTH: Final = 16
 MAX_PRESENCE_NODES: Final = 1000
 MAX_SIG_BYTES: Final = 512  # §4: sig is passed through; bounded so it cannot grow queues
 MAX_ACK_MIDS: Final = 10_000
 _MAX_UINT64: Final = 2**64 - 1
+_MIN_INT64: Final = -(2**63)
+# §3 sub: topic sequences are signed 64-bit in the store (SQLite INTEGER, PostgreSQL
+# bigint); a `since` above it could never be a seq, and would overflow there.
+MAX_SINCE: Final = 2**63 - 1
 
 _TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
 
@@ -241,6 +253,15 @@ def _opt_uint(frame: dict[Any, Any], key: str, minimum: int = 0) -> int | None:
     return v
 
 
+def _since(frame: dict[Any, Any]) -> int | None:
+    v = frame.get("since")
+    if v is None:
+        return None
+    if type(v) is not int or v < 0 or v > MAX_SINCE:
+        raise _Bad("since: not an int in 0..2^63-1")
+    return v
+
+
 def _topic(frame: dict[Any, Any]) -> str:
     v = frame.get("topic")
     if not is_topic(v):
@@ -265,10 +286,54 @@ def _parse_hello(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLim
     if meta is not None:
         if type(meta) is not dict:
             raise _Bad("meta: not a map")
+        _check_json(meta, 1)  # first: bounded depth, so re-packing below cannot recurse far
         if len(msgpack.packb(meta)) > MAX_META_BYTES:
             raise _Bad("meta: larger than 4 KiB", TOO_LARGE)
     v = _opt_uint(frame, "v")
     return Hello(key, sig, token, _opt_bool(frame, "batch"), meta, v, fid)
+
+
+# What msgpack decodes that JSON cannot hold, named as the error says it.
+_NOT_JSON: Final[dict[type, str]] = {
+    bytes: "bin",
+    msgpack.ExtType: "ext",
+    msgpack.Timestamp: "a timestamp",
+}
+
+
+def _check_json(value: object, depth: int) -> None:
+    """§3 hello `meta`: JSON-representable, nested at most MAX_META_DEPTH deep.
+    `depth` is the nesting level of `value` when it is a map or an array."""
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return
+    if t is dict or t is list:
+        if depth > MAX_META_DEPTH:
+            raise _Bad(f"meta: nested deeper than {MAX_META_DEPTH} levels")
+        if t is dict:
+            for k, v in cast(dict[object, object], value).items():
+                if type(k) is not str:
+                    raise _Bad(f"meta: a map key is {_kind(k)}, not a str")
+                _check_json(v, depth + 1)
+        else:
+            for v in cast(list[object], value):
+                _check_json(v, depth + 1)
+    elif t is int:
+        if not _MIN_INT64 <= cast(int, value) <= _MAX_UINT64:
+            raise _Bad("meta: an int out of -2^63..2^64-1")
+    elif t is float:
+        if not math.isfinite(cast(float, value)):
+            raise _Bad("meta: NaN or Infinity is not JSON")
+    else:
+        raise _Bad(f"meta: {_kind(value)} is not JSON")
+
+
+def _kind(value: object) -> str:
+    t = type(value)
+    if t in _NOT_JSON:
+        return _NOT_JSON[t]
+    return {int: "an int", float: "a float", bool: "a bool", type(None): "nil",
+            tuple: "an array"}.get(t, t.__name__)
 
 
 # Node ids seen valid recently: a set look-up instead of a regex match per `send`
@@ -337,7 +402,7 @@ def _parse_ack(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimit
 
 
 def _parse_sub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Sub:
-    return Sub(fid, _topic(frame), _opt_uint(frame, "since"))
+    return Sub(fid, _topic(frame), _since(frame))
 
 
 def _parse_unsub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Unsub:

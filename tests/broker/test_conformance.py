@@ -90,7 +90,7 @@ async def test_next_seq_never_reused_when_the_counter_is_lost(brokers: Brokers) 
 
 async def _drop_counter(brokers: Brokers, topic: str) -> None:
     b = brokers.made[0]
-    await b._redis.delete(b._seq_key(topic))  # what a Redis restart does
+    await b.shards.client.delete(b._seq_key(topic))  # what a Redis restart does
 
 
 # -- direct routing -----------------------------------------------------------------------

@@ -172,9 +172,9 @@ async def test_cluster_failover_moves_subscriptions_to_the_new_master(
             await b.claim(n, "s")
             rb.local[n] = object()
         assert all((await a.presence(nodes)).values())
-        victim = b._shard_for(b._node_channel(nodes[0])).name
+        victim = b.shards.shard_for(b._node_channel(nodes[0])).name
         port = int(victim.rsplit(":", 1)[1])
-        on_victim = [n for n in nodes if b._shard_for(b._node_channel(n)).name == victim]
+        on_victim = [n for n in nodes if b.shards.shard_for(b._node_channel(n)).name == victim]
         cluster.kill(port)
 
         async def all_routed() -> bool:
@@ -187,7 +187,7 @@ async def test_cluster_failover_moves_subscriptions_to_the_new_master(
         while not await all_routed():
             assert time.monotonic() - t0 < timeout(20.0), "no recovery after the failover"
             await asyncio.sleep(0.2)
-        assert victim not in b._shards
+        assert victim not in b.shards.by_name
         await until(lambda: {f[0] for f in rb.node_frames} >= set(on_victim),
                     what="frames for the nodes of the dead master")
         assert b.up and a.up

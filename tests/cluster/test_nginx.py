@@ -155,14 +155,15 @@ async def test_sdk_through_nginx_survives_sigkill_of_its_instance(
 
 async def test_hubs_behind_nginx_limit_and_audit_each_client(make_cluster: ClusterFactory,
                                                              make_nginx: Any) -> None:
-    """§7 per-IP handshake limit behind the shipped nginx config, with nginx's address in
-    `server.trusted_proxies`: the X-Forwarded-For nginx sets reaches the hub, which
-    limits and audits each client, not nginx. Every test client connects from
+    """docs/protocol.md §8 per-IP handshake limit (rate and burst both handshakes_per_s)
+    behind the shipped nginx config, with nginx's address in `server.trusted_proxies`:
+    the X-Forwarded-For nginx sets reaches the hub, which limits and audits each client,
+    not nginx. Every test client connects from
     127.0.0.1, as nginx does, so each names an address of its own in an X-Forwarded-For
     of its own: nginx appends 127.0.0.1, which the hub skips as trusted (a client on a
     trusted address can do that; one on any other address cannot)."""
     c = await make_cluster(1, server_trusted_proxies="127.0.0.1",
-                           limits_handshakes_per_s="1", limits_burst="2")
+                           limits_handshakes_per_s="2")
     nginx: Nginx = await make_nginx([c[0].ws_port], [c[0].admin_port])
 
     async def status(client: str) -> int:

@@ -98,16 +98,16 @@ async def test_resync_requested_while_a_replay_runs(make_hub, monkeypatch):
     monkeypatch.setattr(h.node.store, "pending", pending)
     session = h.node.local[b.node_id]
     h.node.on_broker_up()
-    assert session._replaying  # its turn came at once (limit not reached)
+    assert session.inbox.replaying  # its turn came at once (limit not reached)
     await eventually(lambda: reads > 0)
     late, _ = await store_unrouted(h, a.node_id, b.node_id, b"late")
     h.node.on_broker_up()
-    assert session._replay_again
+    assert session.inbox.replay_again
     gate.set()
     msgs = await recv_msgs(b, 201, wait=10)
     assert [m["mid"] for m in msgs] == [*first, late]
     await no_frame(b, 0.3)
-    await eventually(lambda: not session._replaying)
+    await eventually(lambda: not session.inbox.replaying)
     assert reads >= 2 * 9  # two passes over 201 messages in pages of 25
 
 
@@ -162,7 +162,7 @@ async def test_closed_sessions_leave_the_queue(make_hub, monkeypatch):
         await n.close()
     await eventually(lambda: len(h.node.local) == 1)
     gate.set()
-    await eventually(lambda: h.node._resync_running == 0 and not h.node._resync_wait)
+    await eventually(lambda: h.node.resyncs.running == 0 and not h.node.resyncs.waiting)
     sender = await RawNode.connect(h)
     ok = await sender.request({"t": "send", "id": 1, "to": nodes[3].node_id, "body": b"y",
                                "qos": 1})
@@ -185,7 +185,7 @@ async def test_a_session_with_too_many_unacked_is_not_resynced(make_hub):
     await asyncio.sleep(1.1)  # expired, never acked
     r = await a.request({"t": "send", "id": 9, "to": b.node_id, "body": b"4th", "qos": 1})
     assert (await b.recv_type("msg"))["mid"] == r["mid"]
-    assert h.node.local[b.node_id]._unacked_lost
+    assert not h.node.local[b.node_id].inbox.tracks_unacked
     mid, _ = await store_unrouted(h, a.node_id, b.node_id, b"outage")
     h.node.on_broker_up()
     await no_frame(b, 0.3)

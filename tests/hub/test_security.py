@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from websockets.exceptions import ConnectionClosed
 
-from hub.session import CLOSING
+from hub.transport import OPEN
 from protocol.identity import Identity
 from protocol.tokens import TokenIssuer
 from tests.conftest import timeout
@@ -293,10 +293,10 @@ async def test_slow_consumers_dropped_memory_bounded(make_hub):
     def resume_dropped() -> None:
         # A dropped slow consumer may read again, to see its bye and close code before
         # the hub's close grace runs out.
-        for sess in list(h.node.connections):
-            if sess.state < CLOSING or sess.transport is None:
+        for conn in list(h.node.connections):
+            if conn.phase is OPEN or conn.transport is None:
                 continue
-            port = sess.transport.get_extra_info("peername")[1]
+            port = conn.transport.get_extra_info("peername")[1]
             s = slow.get(port)
             if s is not None and port not in closing:
                 s.ws.transport.resume_reading()

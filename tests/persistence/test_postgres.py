@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from persistence.backends import open_store
 from persistence.postgres import PostgresStore, parse_postgres_url
 from persistence.store import (
     HistoryEntry,
@@ -24,7 +25,6 @@ from persistence.store import (
     StoredMessage,
     StoreError,
     StoreUnavailable,
-    open_store,
 )
 from tests.conftest import timeout
 from tests.persistence.conftest import PostgresFactory, with_schema

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from persistence.backends import open_store
 from persistence.sqlite import SqliteStore, parse_sqlite_url
 from persistence.store import (
     AckResult,
@@ -25,7 +26,6 @@ from persistence.store import (
     StoredMessage,
     StoreError,
     StoreUnavailable,
-    open_store,
 )
 from tests.conftest import timeout
 
@@ -407,7 +407,8 @@ async def test_state_survives_close_and_reopen(store_factory: StoreFactory) -> N
 
 _WRITER = r"""
 import asyncio, sys
-from persistence.store import StoredMessage, open_store
+from persistence.backends import open_store
+from persistence.store import StoredMessage
 
 async def main() -> None:
     store = open_store(sys.argv[1])

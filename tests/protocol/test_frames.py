@@ -3,6 +3,8 @@ encoders. No sockets: every test feeds bytes to the codec and asserts values."""
 
 from __future__ import annotations
 
+import json
+import math
 import tracemalloc
 from typing import Any
 
@@ -21,8 +23,10 @@ from protocol.errors import (
 from protocol.frames import (
     MAX_ACK_MIDS,
     MAX_META_BYTES,
+    MAX_META_DEPTH,
     MAX_PRESENCE_NODES,
     MAX_SIG_BYTES,
+    MAX_SINCE,
     Ack,
     DecodeLimits,
     Hello,
@@ -116,7 +120,7 @@ class TestHello:
         )
 
     def test_all_optional_fields(self) -> None:
-        meta = {"name": "sensor-7", "tags": ["x", "y"], "n": 3, "raw": b"\x00"}
+        meta = {"name": "sensor-7", "tags": ["x", "y"], "n": 3, "on": True, "r": 0.5}
         res = one({"t": "hello", "key": KEY, "sig": SIG, "batch": True, "meta": meta, "v": 1})
         assert res == Hello(key=KEY, sig=SIG, token=None, batch=True, meta=meta, v=1)
         assert type(res.batch) is bool
@@ -175,10 +179,84 @@ class TestHello:
         assert res.id is None
         assert res.code == TOO_LARGE
 
-    def test_meta_with_ext_and_timestamp_values(self) -> None:
-        meta = {"e": msgpack.ExtType(5, b"abc"), "ts": msgpack.Timestamp(1, 2)}
-        res = one({"t": "hello", "token": "x", "meta": meta})
-        assert type(res) in (Hello, FrameError)
+
+
+def nested(depth: int, leaf: Any = 1) -> dict[str, Any]:
+    """A meta whose maps and arrays are nested `depth` deep (meta itself the first)."""
+    value: Any = leaf
+    for level in range(depth - 1, 0, -1):
+        value = {"a": value} if level % 2 else [value]
+    return {"m": value}
+
+
+class TestHelloMeta:
+    """§3 hello: `meta` is JSON-representable (the store keeps it as JSON, the admin API
+    shows it as JSON), else the hello is refused with `bad_frame` naming `meta`."""
+
+    def refused(self, meta: Any) -> str:
+        res = err({"t": "hello", "token": "x", "id": 3, "meta": meta})
+        assert (res.id, res.code) == (3, BAD_FRAME)
+        assert res.msg.startswith("meta: ")
+        return res.msg
+
+    def test_every_json_kind_is_accepted(self) -> None:
+        meta = {"s": "é\x00", "i": -(2**63), "u": UINT64_MAX, "f": -0.5, "t": True,
+                "n": None, "l": [1, "a", [], {}], "m": {"k": {"k": []}}, "": ""}
+        assert one({"t": "hello", "token": "x", "meta": meta}).meta == meta
+        json.dumps(meta, allow_nan=False)
+
+    def test_int_beyond_uint64_cannot_even_be_sent(self) -> None:
+        with pytest.raises(OverflowError):
+            pack({"t": "hello", "meta": {"i": 2**64}})
+
+    @pytest.mark.parametrize("meta", [{b"k": 1}, {"a": {b"k": 1}}, {"a": [{b"k": 1}]}])
+    def test_bin_key(self, meta: Any) -> None:
+        assert self.refused(meta) == "meta: a map key is bin, not a str"
+
+    @pytest.mark.parametrize("meta", [{1: "a"}, {"a": {-1: 1}}, {None: 1}, {1.5: 1},
+                                      {True: 1}])
+    def test_other_keys_that_are_not_str(self, meta: Any) -> None:
+        assert self.refused(meta).endswith("not a str")
+
+    @pytest.mark.parametrize("meta", [{"k": b"v"}, {"k": [b""]}, {"a": {"b": b"x"}}])
+    def test_bin_value(self, meta: Any) -> None:
+        assert self.refused(meta) == "meta: bin is not JSON"
+
+    @pytest.mark.parametrize("meta", [{"e": msgpack.ExtType(5, b"abc")},
+                                      {"e": [msgpack.ExtType(127, b"")]}])
+    def test_ext(self, meta: Any) -> None:
+        assert self.refused(meta) == "meta: ext is not JSON"
+
+    @pytest.mark.parametrize("meta", [{"ts": msgpack.Timestamp(1, 2)},
+                                      {"a": {"ts": msgpack.Timestamp(0)}}])
+    def test_timestamp(self, meta: Any) -> None:
+        assert self.refused(meta) == "meta: a timestamp is not JSON"
+
+    @pytest.mark.parametrize("x", [math.nan, math.inf, -math.inf])
+    def test_nan_and_infinities(self, x: float) -> None:
+        assert self.refused({"x": x}) == "meta: NaN or Infinity is not JSON"
+        assert self.refused({"l": [[x]]}) == "meta: NaN or Infinity is not JSON"
+
+    def test_nan_as_float32(self) -> None:
+        data = b"\x83\xa1t\xa5hello\xa5token\xa1x\xa4meta\x81\xa1x\xca\x7f\xc0\x00\x00"
+        res = decode_client(data)[0]
+        assert type(res) is FrameError and res.msg == "meta: NaN or Infinity is not JSON"
+
+    def test_depth_16_accepted(self) -> None:
+        meta = nested(MAX_META_DEPTH)
+        assert MAX_META_DEPTH == 16
+        assert one({"t": "hello", "token": "x", "meta": meta}).meta == meta
+
+    @pytest.mark.parametrize("meta", [nested(17), nested(16, []), nested(16, {}),
+                                      nested(100), nested(990)])
+    def test_deeper_than_16_refused(self, meta: Any) -> None:
+        assert self.refused(meta) == "meta: nested deeper than 16 levels"
+
+    def test_depth_is_checked_before_the_size(self) -> None:
+        # ~990 levels in 4 KiB: refused for its depth, never by re-packing it.
+        data = b"\x82\xa1t\xa5hello\xa4meta" + b"\x81\xa1a" * 990 + b"\xc0"
+        res = decode_client(data)[0]
+        assert type(res) is FrameError and res.msg == "meta: nested deeper than 16 levels"
 
 
 class TestSend:
@@ -339,8 +417,15 @@ class TestSub:
     def test_since_zero(self) -> None:
         assert one({"t": "sub", "topic": "a", "since": 0}).since == 0
 
-    def test_since_uint64_max(self) -> None:
-        assert one({"t": "sub", "topic": "a", "since": UINT64_MAX}).since == UINT64_MAX
+    def test_since_int64_max(self) -> None:
+        # §3: a seq is a signed 64-bit value in the store.
+        assert MAX_SINCE == 2**63 - 1
+        assert one({"t": "sub", "topic": "a", "since": 2**63 - 1}).since == 2**63 - 1
+
+    @pytest.mark.parametrize("since", [2**63, UINT64_MAX, -1, -(2**63)])
+    def test_since_out_of_range(self, since: int) -> None:
+        res = err({"t": "sub", "id": 2, "topic": "a", "since": since})
+        assert (res.id, res.code, res.msg) == (2, BAD_FRAME, "since: not an int in 0..2^63-1")
 
     @pytest.mark.parametrize("since", [-1, "1", 1.0, True, [1], b"1"])
     def test_bad_since(self, since: Any) -> None:

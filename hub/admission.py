@@ -1,0 +1,223 @@
+"""Who gets in: `Admission` decides at the TCP connect, at the HTTP upgrade and at the
+hello (docs/protocol.md §1, §2, §8).
+
+- At the connect: the instance's connection cap (`limits.max_connections`, 503) and the
+  per-IP cap (`limits.max_connections_per_ip`, 429). Connections count from the TCP
+  connect, upgraded or not, so connections that never finish their upgrade count too.
+- At the upgrade: behind a trusted proxy the client IP it names (hub/forwarded.py) is
+  counted instead; the per-IP handshake bucket (rate and burst both
+  `limits.handshakes_per_s`, 429), checked before any signature; the `Origin` check
+  (`server.allowed_origins`, 403).
+- At the hello: the node handshake itself (`authenticate`), registration in the local
+  registry (and the cluster claim), bans and the allowlist, the welcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from hub.ratelimit import IpLimiter
+from persistence.store import StoreUnavailable
+from protocol import errors as E
+from protocol.errors import FrameError
+from protocol.frames import Hello, encode_bye, encode_error, encode_welcome
+from protocol.handshake import Authenticated
+from protocol.tokens import TOKEN_ERROR_REASONS
+
+if TYPE_CHECKING:
+    from websockets.http11 import Request
+
+    from hub.node import HubNode
+    from hub.session import Session
+    from hub.transport import Connection
+
+__all__ = ["Admission"]
+
+log = logging.getLogger("openred.hub.admission")
+
+Refusal = tuple[int, str]  # HTTP status and body of a refused upgrade
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Admission:
+    def __init__(self, hub: HubNode) -> None:
+        cfg = hub.cfg
+        self.hub = hub
+        self.max_connections = cfg.limits.max_connections
+        self.max_per_ip = cfg.limits.max_connections_per_ip
+        # docs/protocol.md §8: the bucket's burst is its rate, not limits.burst (the
+        # per-session frame burst, 2,000 by default, would let a burst of 2,000
+        # handshakes through).
+        self.ip_limiter = IpLimiter(cfg.limits.handshakes_per_s, cfg.limits.handshakes_per_s)
+        self.trusted_proxies = hub.trusted_proxies
+        origins = cfg.server.allowed_origins
+        self.any_origin = "*" in origins
+        self.origins = frozenset(origins)
+        self.per_ip: dict[str, int] = {}  # open connections per counted IP
+
+    # -- connect and upgrade ------------------------------------------------------------
+
+    def on_connect(self, conn: Connection) -> Refusal | None:
+        metrics = self.hub.metrics
+        if len(self.hub.connections) > self.max_connections:
+            metrics.handshakes["too_many_connections"] += 1
+            return 503, "too many connections\n"
+        if self.trusted_proxies and self.trusted_proxies.trusts(conn.ip):
+            return None  # counted by the client IP the proxy names, at the upgrade
+        return self._count(conn, conn.ip)
+
+    def _count(self, conn: Connection, ip: str) -> Refusal | None:
+        n = self.per_ip.get(ip, 0)
+        if self.max_per_ip and n >= self.max_per_ip:
+            self.hub.metrics.handshakes["too_many_connections_per_ip"] += 1
+            return 429, "too many connections from this address\n"
+        self.per_ip[ip] = n + 1
+        conn.counted_ip = ip
+        return None
+
+    def on_disconnect(self, conn: Connection) -> None:
+        ip = conn.counted_ip
+        if ip is None:
+            return
+        conn.counted_ip = None
+        n = self.per_ip.get(ip, 0) - 1
+        if n > 0:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
+
+    def on_request(self, conn: Connection, request: Request) -> Refusal | None:
+        hub = self.hub
+        if self.trusted_proxies and conn.counted_ip is None:
+            # Behind a trusted proxy the peer is the proxy: limit and audit the client
+            # it names, never a header from anyone else.
+            conn.ip = self.trusted_proxies.client_ip(
+                conn.ip, request.headers.get_all("X-Forwarded-For"))
+            refusal = self._count(conn, conn.ip)
+            if refusal is not None:
+                return refusal
+        if not self.ip_limiter.allow(conn.ip, hub.loop.time()):
+            hub.metrics.handshakes["rate_limited"] += 1
+            return 429, "Too Many Requests\n"
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.origin_allowed(origin):
+            # docs/protocol.md §1: a browser page from a site not listed must not reach
+            # a hub (in open mode it could authenticate with a fresh key and read).
+            hub.metrics.handshakes["origin_refused"] += 1
+            return 403, "origin not allowed\n"
+        return None
+
+    def origin_allowed(self, origin: str) -> bool:
+        return self.any_origin or origin.strip().lower().rstrip("/") in self.origins
+
+    # -- the node handshake ---------------------------------------------------------------
+
+    def refuse(self, session: Session, reason: str, code: str = E.AUTH_FAILED,
+               close_code: int = E.CLOSE_AUTH_FAILED, node: str | None = None) -> None:
+        hub = self.hub
+        m = hub.metrics
+        m.handshakes["failed" if code == E.AUTH_FAILED else code] += 1
+        if code == E.AUTH_FAILED:
+            m.auth_failures[_reason_label(reason)] += 1
+        hub.store.audit_nowait("auth_failed" if code == E.AUTH_FAILED else "auth_refused",
+                               node, session.ip, {"reason": reason, "code": code}, _now_ms())
+        msg = "authentication failed" if code == E.AUTH_FAILED else reason
+        session.close(close_code, code, error=encode_error(None, code, msg))
+
+    def refuse_hello(self, session: Session, error: FrameError) -> None:
+        """A hello that does not decode as one. A `meta` that is not JSON-representable
+        (docs/protocol.md §2) is the node's own data, not a credential: `bad_frame`,
+        named. Any other flaw, a meta over 4 KiB included, is a refusal, `auth_failed`
+        (§2: whatever the reason)."""
+        if error.code == E.BAD_FRAME and error.msg.startswith("meta"):
+            self.hub.metrics.handshakes["bad_frame"] += 1
+            session.close(E.CLOSE_AUTH_FAILED, "bad hello",
+                          error=encode_error(error.id, E.BAD_FRAME, error.msg))
+            return
+        self.refuse(session, error.msg)
+
+    async def authenticate(self, session: Session, hello: Hello) -> None:
+        """Check the hello; register, claim and welcome the node, then replay its
+        stored QoS 1 queue. Any failure of the store or the broker ends the handshake
+        with an error frame and a close, never a hang."""
+        try:
+            await self._authenticate(session, hello)
+        except Exception:
+            log.exception("handshake failed", extra={"event": "handshake_failed"})
+            self.hub.metrics.handshakes["internal"] += 1
+            session.close(E.CLOSE_INTERNAL, "internal error",
+                          error=encode_error(None, E.INTERNAL, "handshake failed"))
+
+    async def _authenticate(self, session: Session, hello: Hello) -> None:
+        from hub.session import AUTH
+
+        hub = self.hub
+        try:
+            auth = session.handshake.check(hello)
+        except E.HandshakeError as exc:
+            self.refuse(session, exc.reason)
+            return
+        node_id = auth.node_id
+        now = _now_ms()
+        session_id = hub.mid(now)
+        # Register first, check bans after: a ban committed after our read below finds
+        # this session in the registry, so no ban can slip between check and register.
+        # The node proved its identity already; replacing its old session is its right.
+        old = hub.local.get(node_id)
+        if old is not None and old is not session:
+            old.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
+        session.register(node_id, session_id)
+        hub.attach(session)
+        if hub.clustered:
+            try:  # before welcome: from welcome on, other instances can reach the node
+                await hub.broker.claim(node_id, session_id)
+            except Exception:
+                log.warning("broker claim failed", extra={"event": "claim_failed"})
+        store = hub.store
+        try:
+            rec = await store.get_node(node_id)
+            if session.state is not AUTH:  # the peer went away while we waited
+                return
+            if rec is not None and rec.banned:
+                self.refuse(session, "banned", E.FORBIDDEN, E.CLOSE_FORBIDDEN, node_id)
+                return
+            if hub.allowlist and (rec is None or not rec.registered):
+                self.refuse(session, "not registered", E.FORBIDDEN, E.CLOSE_FORBIDDEN,
+                            node_id)
+                return
+            await store.node_seen(node_id, hello.key, hello.meta, now)
+            pending = await store.count_pending(node_id, now)
+        except StoreUnavailable:
+            hub.metrics.handshakes["unavailable"] += 1
+            session.close(E.CLOSE_INTERNAL, "store unavailable",
+                          error=encode_error(None, E.UNAVAILABLE, "store unavailable"))
+            return
+        if session.state is not AUTH:
+            return
+        if auth.key is None and rec is not None and rec.key is not None:
+            # A token-authenticated node whose operator registered a key: the key is
+            # still what body signatures are checked against (auth.verify_body_sig).
+            auth = Authenticated(auth.node_id, rec.key, auth.topics, auth.batch, auth.meta,
+                                 auth.method)
+        hub.metrics.handshakes["ok"] += 1
+        store.audit_nowait("auth_ok", node_id, session.ip, {"method": auth.method}, now)
+        session.activate(auth, encode_welcome(node_id, session_id, hub.cfg.limits.hb_s,
+                                              pending, hub.welcome_limits))
+        # Replay even when `pending` was 0: with a concurrent store a message may have
+        # been stored between the count and the registration above.
+        assert session.inbox is not None
+        await session.inbox.replay()
+
+
+def _reason_label(reason: str) -> str:
+    """Bounded label values for auth_failures_total{reason}."""
+    if reason in TOKEN_ERROR_REASONS:
+        return reason
+    if reason == "bad_signature" or reason.startswith(("sig", "key")):
+        return "bad_signature"
+    return "bad_hello"

@@ -1,0 +1,28 @@
+"""Picks the `Broker` backend named by `broker.url` (`open_broker`).
+
+Kept apart from the contract (`broker.py`) because it imports the backends, and the Redis
+backend imports the contract: the factory sits above both, so neither imports the other.
+`broker_redis.py` (and with it redis-py) is imported only when a `redis://` URL is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from hub.broker import Broker, MemoryBroker
+
+__all__ = ["open_broker"]
+
+
+def open_broker(url: str, seed: Callable[[str], Awaitable[int]] | None = None,
+                hub_id: str = "openred") -> Broker:
+    """Build (not yet started) the broker named by `broker.url`. `seed` gives a topic's
+    last stored sequence (the store's `last_seq`)."""
+    if url.startswith("memory:"):
+        return MemoryBroker(seed)
+    if url.startswith(("redis://", "rediss://")):
+        from hub.broker_redis import RedisBroker
+
+        broker: Broker = RedisBroker(url, hub_id=hub_id, seed=seed)
+        return broker
+    raise ValueError(f"broker.url: unsupported scheme {url.split(':', 1)[0]!r}")
