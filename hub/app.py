@@ -96,7 +96,8 @@ class RunningHub:
             metrics = Metrics(self.registry)
             store = open_store(cfg.store.url, auto_migrate=cfg.store.auto_migrate,
                                pool_size=cfg.store.pool_size,
-                               retention_days=cfg.store.retention_days)
+                               retention_days=cfg.store.retention_days,
+                               read_url=cfg.store.read_url)
             # Closed also when open() fails: it may hold a half-opened connection or thread.
             stack.push_async_callback(store.close)
             await store.open()

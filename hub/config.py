@@ -278,6 +278,15 @@ def _check_store_url(value: str) -> str:
     raise _Bad(_STORE_ALLOWED)
 
 
+_READ_URL_ALLOWED: Final = "must be postgresql://... (a read replica of store.url), or empty"
+
+
+def _check_read_url(value: str | None) -> str | None:
+    if value is None or value.startswith(("postgresql://", "postgres://")):
+        return value
+    raise _Bad(_READ_URL_ALLOWED)
+
+
 _BROKER_ALLOWED: Final = "must be memory:// or redis://... or rediss://..."
 
 
@@ -412,14 +421,21 @@ class StoreConfig:
     topic_history: int = _key(100, ge=0)
     topic_history_ttl_s: int = _key(86400, ge=1)
     retention_days: int = _key(30, ge=1)
+    # A streaming replica of `url` for reads that tolerate staleness (admin lists, the
+    # audit, message state, old topic history); None: every read on `url`.
+    # persistence/postgres.py says which reads go there and how it falls back.
+    read_url: str | None = _key(
+        None, check=_check_read_url, allowed=_READ_URL_ALLOWED, show=_show_url
+    )
 
     def __repr__(self) -> str:
+        read_url = None if self.read_url is None else redact_url(self.read_url)
         return (
             f"StoreConfig(url={redact_url(self.url)!r}, auto_migrate={self.auto_migrate!r}, "
             f"pool_size={self.pool_size!r}, message_ttl_s={self.message_ttl_s!r}, "
             f"topic_history={self.topic_history!r}, "
             f"topic_history_ttl_s={self.topic_history_ttl_s!r}, "
-            f"retention_days={self.retention_days!r})"
+            f"retention_days={self.retention_days!r}, read_url={read_url!r})"
         )
 
 
@@ -785,6 +801,10 @@ def _cross_checks(values: dict[tuple[str, str], Any], origins: dict[tuple[str, s
         # make any session a slow consumer.
         raise fail("limits", "send_queue_max_bytes",
                    f"must be >= 2 x limits.max_frame_bytes ({2 * frame}), got {queue_bytes}")
+
+    if values[("store", "read_url")] is not None and not values[("store", "url")].startswith(
+            ("postgresql://", "postgres://")):
+        raise fail("store", "read_url", "needs a postgresql:// store.url (a replica of it)")
 
     ttl, days = values[("store", "message_ttl_s")], values[("store", "retention_days")]
     if days * 86400 <= ttl:

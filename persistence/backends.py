@@ -13,9 +13,10 @@ __all__ = ["open_store"]
 
 
 def open_store(url: str, *, auto_migrate: bool = True, pool_size: int = 10,
-               retention_days: int = 30) -> Store:
+               retention_days: int = 30, read_url: str | None = None) -> Store:
     """Build (not yet open) the store named by `store.url`. `retention_days` bounds the
-    partitioned PostgreSQL tables (dropped by day); SQLite purges rows instead."""
+    partitioned PostgreSQL tables (dropped by day); SQLite purges rows instead.
+    `read_url`: a PostgreSQL read replica (the config refuses it with SQLite)."""
     if url.startswith("sqlite:"):
         from persistence.sqlite import SqliteStore
 
@@ -24,7 +25,7 @@ def open_store(url: str, *, auto_migrate: bool = True, pool_size: int = 10,
         from persistence.postgres import PostgresStore
 
         store: Store = PostgresStore(url, auto_migrate=auto_migrate, pool_size=pool_size,
-                                     retention_days=retention_days)
+                                     retention_days=retention_days, read_url=read_url)
         return store
     raise ValueError(f"store.url: unsupported scheme in {url.split(':', 1)[0]!r}; "
                      "use sqlite:/// or postgresql://")

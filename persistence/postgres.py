@@ -27,6 +27,20 @@ server stays away longer than `in_doubt_timeout_s` do they get `unavailable` unr
 should that batch turn out committed later, its messages are taken back (deleted) so
 that none refused is delivered. The pool reconnects by itself when the server returns.
 
+Read replica (`store.read_url`): a second pool, on a streaming replica of the same
+database, for the reads that tolerate replication lag: `list_nodes` (admin lists),
+`audit_query`, `message_state`, and the part of `history_since` older than
+`replica_history_age_s`. Everything that decides delivery or access stays on the primary:
+the QoS 1 queue (`pending`, `count_pending`, `enqueue`), acks, bans and authentication
+(`get_node`), `last_seq`, and every write. A replica that cannot be reached or fails a
+query is bypassed: that read, and the following ones for `replica_retry_s`, run on the
+primary, and then the replica is tried again. Old history is read from the replica only
+when it has replayed a transaction committed less than half of `replica_history_age_s`
+ago, so the entries it is asked for were committed and replayed before (the rest of the
+history, and everything when the replica lags or the primary is idle, comes from the
+primary): the answer is then what the primary holds, except that entries the primary
+trimmed within the lag may be returned too.
+
 Needs PostgreSQL 12 or newer.
 """
 
@@ -331,6 +345,19 @@ _SQL_HISTORY_SINCE = (
     " ORDER BY seq"
 )
 _SQL_LAST_SEQ = "SELECT last_seq FROM topics WHERE name = $1"
+# On the replica: the entries at or before the age bound ($4), only when the replica has
+# replayed a commit made at or after $5 (ms): one row with fresh = false otherwise.
+_SQL_REPLICA_HISTORY = (
+    "WITH f AS (SELECT COALESCE(pg_last_xact_replay_timestamp()"
+    " >= to_timestamp($5::double precision / 1000), false) AS fresh)"
+    f" SELECT f.fresh, {', '.join('h.' + c for c in _HISTORY_COLUMNS.split(', '))}"
+    " FROM f LEFT JOIN history AS h ON f.fresh AND h.topic = $1 AND h.seq > $2"
+    " AND h.ts > $3 AND h.ts <= $4 ORDER BY h.seq"
+)
+_SQL_HISTORY_RECENT = (
+    f"SELECT {_HISTORY_COLUMNS} FROM history WHERE topic = $1 AND seq > $2 AND ts > $3"
+    " ORDER BY seq"
+)
 _SQL_INSERT_AUDIT = (
     "INSERT INTO audit (ts, kind, node, ip, detail)"
     " SELECT ts, kind, node, ip, detail::json"
@@ -527,6 +554,12 @@ class PostgresStore:
       this many rows.
     - `in_doubt_timeout_s` (30): how long to keep asking the server about a batch whose
       COMMIT was cut off before failing its callers with StoreUnavailable regardless.
+    - `read_url`: the read replica (module docstring); `replica_reads` counts the reads
+      it served, `replica_fallbacks` those it failed (run on the primary instead).
+    - `replica_connect_timeout_s` (2): a replica that does not answer is bypassed fast.
+    - `replica_retry_s` (5): after a failure, reads skip the replica this long.
+    - `replica_history_age_s` (60): history entries older than this may come from the
+      replica (when it has replayed a commit of the last half of this).
     """
 
     max_nowait: int = 100_000
@@ -541,11 +574,16 @@ class PostgresStore:
     pending_count_max_age_s: float = 2.0
     in_doubt_timeout_s: float = 30.0
     purge_chunk_rows: int = 10_000
+    replica_connect_timeout_s: float = 2.0
+    replica_retry_s: float = 5.0
+    replica_history_age_s: float = 60.0
 
     def __init__(self, url: str, *, auto_migrate: bool = True, pool_size: int = 10,
                  migrations_dir: Traversable | None = None, schema: str | None = None,
-                 retention_days: int = 30) -> None:
+                 retention_days: int = 30, read_url: str | None = None) -> None:
         dsn, url_schema = parse_postgres_url(url)
+        # The replica holds the same database: the store's schema applies there too.
+        read_dsn = None if read_url is None else parse_postgres_url(read_url)[0]
         if schema is not None and not _SCHEMA_NAME.match(schema):
             raise ValueError(f"store schema must be {_SCHEMA_RULE}")
         if pool_size < 1:
@@ -579,6 +617,12 @@ class PostgresStore:
         self._barriers: list[tuple[int, asyncio.Future[None]]] = []
         self._batch_no = 0
         self._counts = PendingCounts(self.pending_count_max_age_s)
+        self.read_url = read_url
+        self._read_dsn = read_dsn
+        self._read_pool: Any = None
+        self._replica_down_until = 0.0  # monotonic s; reads skip the replica until then
+        self.replica_reads = 0
+        self.replica_fallbacks = 0
 
     @property
     def nowait_dropped(self) -> int:
@@ -637,12 +681,14 @@ class PostgresStore:
             except asyncio.CancelledError:
                 pass
         self._release_barriers(all_=True)
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), timeout=self.command_timeout_s)
-            except (Exception, asyncio.CancelledError):
-                pool.terminate()
+        for name in ("_read_pool", "_pool"):
+            pool = getattr(self, name)
+            setattr(self, name, None)
+            if pool is not None:
+                try:
+                    await asyncio.wait_for(pool.close(), timeout=self.command_timeout_s)
+                except (Exception, asyncio.CancelledError):
+                    pool.terminate()
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations; may be called before `open()` (it connects then)."""
@@ -680,6 +726,17 @@ class PostgresStore:
                 self._pool = await asyncpg.create_pool(self._dsn, **kwargs)
             except _DRIVER_ERRORS as exc:
                 raise _unavailable(exc) from exc
+            if self._read_dsn is not None:
+                # min_size 0: nothing connects here, so a replica that is down delays
+                # nothing; the first read finds out (and falls back).
+                replica = {**kwargs, "timeout": self.replica_connect_timeout_s,
+                           "server_settings": {**settings,
+                                               "application_name": "openred-hub-read"}}
+                try:
+                    self._read_pool = await asyncpg.create_pool(self._read_dsn, **replica)
+                except _DRIVER_ERRORS as exc:  # a bad DSN: run without the replica
+                    _log.warning("store_replica_unavailable",
+                                 extra={"error": str(exc) or type(exc).__name__})
             self._writer = asyncio.get_running_loop().create_task(
                 self._run_writer(), name="openred-store-writer")
 
@@ -860,11 +917,12 @@ class PostgresStore:
         return _node(row)
 
     async def list_nodes(self, limit: int, after: str | None) -> list[NodeRecord]:
-        async with self._conn() as conn:
-            if after is None:
-                rows = await conn.fetch(_SQL_LIST_NODES, max(limit, 0))
-            else:
-                rows = await conn.fetch(_SQL_LIST_NODES_AFTER, max(limit, 0), after)
+        # Admin lists: stale-tolerant, on the replica when there is one.
+        if after is None:
+            rows = await self._read(lambda conn: conn.fetch(_SQL_LIST_NODES, max(limit, 0)))
+        else:
+            rows = await self._read(
+                lambda conn: conn.fetch(_SQL_LIST_NODES_AFTER, max(limit, 0), after))
         return [_node(row) for row in rows]
 
     @staticmethod
@@ -907,8 +965,8 @@ class PostgresStore:
 
     async def message_state(self, mid: str, now_ms: int) -> MessageState | None:
         await self._barrier(_ENQUEUE, _DELIVERED, _ACK)
-        async with self._conn() as conn:
-            row = await conn.fetchrow(_SQL_MESSAGE_STATE, mid)
+        # Operators' view of a message: stale-tolerant, on the replica when there is one.
+        row = await self._read(lambda conn: conn.fetchrow(_SQL_MESSAGE_STATE, mid))
         if row is None:
             return None
         sender, recipient, created, expires, delivered, acked = row
@@ -947,10 +1005,36 @@ class PostgresStore:
     async def history_since(self, topic: str, since: int, now_ms: int,
                             ttl_ms: int) -> list[HistoryEntry]:
         await self._barrier(_HISTORY)
-        async with self._conn() as conn:
-            rows = await conn.fetch(_SQL_HISTORY_SINCE, topic, since, now_ms - ttl_ms)
+        cutoff = now_ms - ttl_ms
+        age_ms = int(self.replica_history_age_s * 1000)
+        old = await self._replica_history(topic, since, cutoff, now_ms - age_ms,
+                                          now_ms - age_ms // 2)
+        if old is None:  # no replica, or it lags: everything from the primary
+            async with self._conn() as conn:
+                rows = await conn.fetch(_SQL_HISTORY_SINCE, topic, since, cutoff)
+        else:
+            # The entries newer than the bound, from the primary (those at or before it
+            # came from the replica), merged in seq order.
+            async with self._conn() as conn:
+                recent = await conn.fetch(_SQL_HISTORY_RECENT, topic, since,
+                                          max(cutoff, now_ms - age_ms))
+            rows = sorted([*old, *recent], key=lambda r: r[1])
         return [HistoryEntry(topic=r[0], seq=r[1], mid=r[2], sender=r[3], body=r[4], ts=r[5])
                 for r in rows]
+
+    async def _replica_history(self, topic: str, since: int, cutoff: int, bound: int,
+                               fresh_ms: int) -> list[Any] | None:
+        """History entries with ts in (cutoff, bound] from the replica, or None when there
+        is no replica (or it is bypassed), the range is empty, or the replica has not
+        replayed a commit made at or after `fresh_ms`."""
+        if bound <= cutoff or not self._replica_up():
+            return None
+        rows = await self._read(
+            lambda conn: conn.fetch(_SQL_REPLICA_HISTORY, topic, since, cutoff, bound,
+                                    fresh_ms), replica_only=True)
+        if rows is None or not rows or not rows[0][0]:
+            return None
+        return [tuple(r)[1:] for r in rows if r[1] is not None]
 
     async def last_seq(self, topic: str) -> int:
         await self._barrier(_HISTORY)
@@ -985,8 +1069,8 @@ class PostgresStore:
         sql = (f"SELECT id, ts, kind, node, ip, detail::text FROM audit {where}"
                f"ORDER BY id DESC LIMIT ${len(params)}")
         await self._barrier(_AUDIT)
-        async with self._conn() as conn:
-            rows = await conn.fetch(sql, *params)
+        # The audit trail: stale-tolerant, on the replica when there is one.
+        rows = await self._read(lambda conn: conn.fetch(sql, *params))
         return [AuditEvent(id=r[0], ts=r[1], kind=r[2], node=r[3], ip=r[4],
                            detail=json.loads(r[5])) for r in rows]
 
@@ -1016,6 +1100,36 @@ class PostgresStore:
                 yield conn
         except _DRIVER_ERRORS as exc:
             raise _translate(exc) from exc
+
+    def _replica_up(self) -> bool:
+        return (self._read_pool is not None and not self._closed
+                and time.monotonic() >= self._replica_down_until)
+
+    async def _read(self, run: Callable[[Any], Any], *, replica_only: bool = False) -> Any:
+        """`await run(conn)` on a replica connection when the replica is up, else (or if it
+        fails there) on the primary. `replica_only`: None instead of the primary."""
+        if self._replica_up():
+            try:
+                async with self._read_pool.acquire(timeout=self.acquire_timeout_s) as conn:
+                    result = await run(conn)
+                self.replica_reads += 1
+                return result
+            except _DRIVER_ERRORS as exc:
+                if _is_item_error(exc):  # the caller's value: the primary would refuse it too
+                    raise _item_error(exc) from exc
+                self.replica_fallbacks += 1
+                # A query cancelled by a conflict with recovery (40001) says nothing about
+                # the replica's health: only this read goes to the primary.
+                if not isinstance(exc, asyncpg.exceptions.SerializationError):
+                    if self._replica_down_until <= time.monotonic():
+                        _log.warning("store_replica_unavailable",
+                                     extra={"error": str(exc) or type(exc).__name__,
+                                            "retry_s": self.replica_retry_s})
+                    self._replica_down_until = time.monotonic() + self.replica_retry_s
+        if replica_only:
+            return None
+        async with self._conn() as conn:
+            return await run(conn)
 
     # -- the write queue (callers' side) -----------------------------------------------------------
 

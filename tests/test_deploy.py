@@ -1,7 +1,11 @@
-"""deploy/ without a Docker engine, Kubernetes or promtool: every YAML file parses, the
-alert rules name only metrics (and labels) the hub exports, the image runs
-`openred-hub`, and the files agree with each other (compose service names, mounts,
-kustomization resources, the packages the Dockerfile copies)."""
+"""deploy/ without a Docker engine or Kubernetes: every YAML file parses, the alert
+rules name only metrics (and labels) the hub exports (parsed as PromQL by
+promql-parser), the image runs `openred-hub` from pinned dependencies, and the files
+agree with each other (compose service names, mounts, kustomization resources, the
+packages the Dockerfile copies, stop grace periods, edge limits).
+
+The real tools (promtool, kubernetes-validate, check-jsonschema, yamllint, hadolint,
+actionlint) run in tests/deploy/test_validators.py."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 import yaml
 
@@ -38,38 +43,31 @@ for _name, (_type, _labels) in EXPECTED.items():
         SAMPLES[_name] = _labels
 LABEL_VALUES = {"route": {"local", "remote", "queued", "dropped"}}
 
-PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
-                "group_left", "group_right", "inf", "nan"}
-
 
 def load(path: Path) -> list[Any]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
 def metric_selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
-    """The metric selectors of a PromQL expression: (name, {label: value})."""
-    expr = re.sub(r"#[^\n]*", " ", expr)
+    """The metric selectors of a PromQL expression, (name, {label: value}), from its
+    syntax tree (promql-parser); a syntax error raises ValueError."""
     found: list[tuple[str, dict[str, str]]] = []
-    # name{matchers}
-    for m in re.finditer(r"(?<![\w.])([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}", expr):
-        matchers = dict(re.findall(r'([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*"([^"]*)"', m.group(2)))
-        found.append((m.group(1), matchers))
-    rest = re.sub(r"(?<![\w.])[a-zA-Z_:][\w:]*\s*\{[^}]*\}", " ", expr)
-    rest = re.sub(r'"(?:\\.|[^"\\])*"', " ", rest)
-    rest = re.sub(r"\[[^\]]*\]", " ", rest)
-    rest = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", rest)
-    # bare names that are not function calls, keywords or parts of numbers
-    for m in re.finditer(r"(?<![\w.])([a-zA-Z_:][\w:]*)(?![\w:]|\s*\()", rest):
-        if m.group(1).lower() not in PROMQL_WORDS:
-            found.append((m.group(1), {}))
+
+    def visit(node: object) -> None:
+        if isinstance(node, promql_parser.VectorSelector):  # also inside x[5m]
+            found.append((node.name or "", {m.name: m.value for m in node.matchers.matchers}))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
     return found
 
 
 def test_metric_selector_parser() -> None:
     expr = ('sum by (instance, le) (rate(openred_hub_route_seconds_bucket{job="x"}[5m])) '
-            '> 1e-3 * histogram_quantile(0.99, up) and on (instance) bogus_metric')
+            '> 1e-3 * histogram_quantile(0.99, up) and on (instance) bogus_metric  # note')
     assert metric_selectors(expr) == [("openred_hub_route_seconds_bucket", {"job": "x"}),
                                       ("up", {}), ("bogus_metric", {})]
+    with pytest.raises(ValueError):
+        metric_selectors("sum(rate(up[5m])")
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(DEPLOY)))
@@ -85,7 +83,9 @@ def test_every_deploy_file_expected() -> None:
         "grafana/provisioning/dashboards/openred.yml", "k8s/kustomization.yaml",
         "k8s/deployment.yaml", "k8s/service.yaml", "k8s/configmap.yaml",
         "k8s/secret.example.yaml", "k8s/migrate-job.yaml", "k8s/ingress.yaml",
-        "k8s/pdb.yaml"}, names
+        "k8s/pdb.yaml", "k8s/hpa.yaml", "k8s/networkpolicy.yaml",
+        "k8s/monitoring/kustomization.yaml", "k8s/monitoring/podmonitor.yaml",
+        "k8s/monitoring/prometheus-adapter-values.yaml", "prometheus/rules.test.yml"}, names
 
 
 def test_alert_rules_use_exported_metrics_only() -> None:
@@ -231,14 +231,15 @@ def test_kubernetes_manifests() -> None:
     assert "secret.example.yaml" not in resources  # placeholders are never applied
     docs = {r: load(DEPLOY / "k8s" / r)[0] for r in resources}
     assert {d["kind"] for d in docs.values()} == {
-        "ConfigMap", "Deployment", "Service", "Job", "Ingress", "PodDisruptionBudget"}
+        "ConfigMap", "Deployment", "Service", "Job", "Ingress", "PodDisruptionBudget",
+        "HorizontalPodAutoscaler", "NetworkPolicy"}
     dep = docs["deployment.yaml"]
-    assert dep["spec"]["replicas"] == 2
+    # The HPA owns the replica count: a `replicas:` here would reset it on every apply.
+    assert "replicas" not in dep["spec"]
     pod = dep["spec"]["template"]["spec"]
     # Service links would inject OPENRED_HUB_SERVICE_HOST etc., which the hub refuses.
     assert pod["enableServiceLinks"] is False
     assert docs["migrate-job.yaml"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
-    assert pod["terminationGracePeriodSeconds"] == 20
     assert pod["securityContext"]["runAsNonRoot"] is True
     (c,) = pod["containers"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
@@ -256,3 +257,218 @@ def test_kubernetes_manifests() -> None:
     cfg = load_config(ROOT / "hub.toml", env=env)
     assert cfg.store.url.startswith("postgresql://") and not cfg.store.auto_migrate
     assert cfg.broker.url.startswith("redis://") and cfg.admin.tokens
+
+
+# -- stop grace, autoscaling, network policy, monitoring --------------------------------
+
+# The hub exits within server.shutdown_grace_s plus this (stop accepting, `bye`, drain
+# until the grace ends, cancel, release the store and broker: deploy/docker/Dockerfile).
+EXIT_AFTER_GRACE_S = 5
+
+
+def k8s_config() -> Any:
+    """The configuration a hub pod runs with (ConfigMap + example Secret + pod env)."""
+    (configmap,) = load(DEPLOY / "k8s/configmap.yaml")
+    (secret,) = load(DEPLOY / "k8s/secret.example.yaml")
+    return load_config(ROOT / "hub.toml", env={
+        **configmap["data"], **secret["stringData"],
+        "OPENRED_HUB_SERVER_INSTANCE_ID": "openred-hub-7d9f8c6b5-x2x9k"})
+
+
+def test_stop_grace_agrees_with_shutdown_grace() -> None:
+    """preStop + server.shutdown_grace_s + the exit time fit in the termination grace
+    period (else Kubernetes SIGKILLs the hub mid-drain), without a needless margin
+    (a rollout waits that long for each pod that hangs); the same for compose."""
+    grace = k8s_config().server.shutdown_grace_s
+    (dep,) = load(DEPLOY / "k8s/deployment.yaml")
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2
+    pre_stop = float(command[1])
+    assert 0 < pre_stop <= 10
+    total = pre_stop + grace + EXIT_AFTER_GRACE_S
+    assert total <= pod["terminationGracePeriodSeconds"] <= total + 10, (
+        pre_stop, grace, pod["terminationGracePeriodSeconds"])
+    # compose: no preStop; stop_grace_period covers the drain and the exit.
+    (compose,) = load(DEPLOY / "compose/docker-compose.yml")
+    for name, service in compose["services"].items():
+        if name.startswith("hub-"):
+            env = {k: interpolate(str(v), {"POSTGRES_PASSWORD": "x", "OPENRED_ADMIN_TOKEN": "a"})
+                   for k, v in service["environment"].items()}
+            hub_grace = load_config(ROOT / "hub.toml", env=env).server.shutdown_grace_s
+            m = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
+            assert m is not None, service["stop_grace_period"]
+            period = int(m.group(1))
+            assert hub_grace + EXIT_AFTER_GRACE_S <= period <= hub_grace + 15, name
+
+
+def test_horizontal_pod_autoscaler() -> None:
+    (hpa,) = load(DEPLOY / "k8s/hpa.yaml")
+    (dep,) = load(DEPLOY / "k8s/deployment.yaml")
+    (pdb,) = load(DEPLOY / "k8s/pdb.yaml")
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                      "name": dep["metadata"]["name"]}
+    assert spec["minReplicas"] > pdb["spec"]["minAvailable"]
+    assert spec["maxReplicas"] > spec["minReplicas"]
+    metrics = {m["type"]: m for m in spec["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert "cpu" in container["resources"]["requests"]  # Utilization is of the request
+    # Connections per pod: the hub's gauge, through the Prometheus adapter.
+    pods = metrics["Pods"]["pods"]
+    assert pods["metric"]["name"] == "openred_hub_connections"
+    assert ("openred_hub_connections", "gauge") == (
+        pods["metric"]["name"], EXPECTED["openred_hub_connections"][0])
+    assert pods["target"]["type"] == "AverageValue" and int(pods["target"]["averageValue"]) > 0
+    (adapter,) = load(DEPLOY / "k8s/monitoring/prometheus-adapter-values.yaml")
+    (rule,) = adapter["rules"]["custom"]
+    assert [n for n, _ in metric_selectors(rule["seriesQuery"])] == ["openred_hub_connections"]
+    assert rule["name"]["as"] == pods["metric"]["name"]
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    # Slow down: each removed pod's sessions all reconnect elsewhere.
+    down = spec["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 300
+    assert all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"])
+
+
+def test_network_policy() -> None:
+    (policy,) = load(DEPLOY / "k8s/networkpolicy.yaml")
+    (dep,) = load(DEPLOY / "k8s/deployment.yaml")
+    (service,) = load(DEPLOY / "k8s/service.yaml")
+    spec = policy["spec"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    # In: the WebSocket port from the ingress controller, the admin port from Prometheus,
+    # nothing else.
+    ingress = {(r["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+                tuple(p["port"] for p in r["ports"])) for r in spec["ingress"]}
+    assert ingress == {("ingress-nginx", (ports["ws"],)), ("prometheus", (ports["admin"],))}
+    # Out: DNS, PostgreSQL, Redis, OTLP; no rule without ports (that would allow all).
+    egress = {p["port"] for r in spec["egress"] for p in r["ports"]}
+    assert egress == {53, 5432, 6379, 4317, 4318}
+    assert all(r.get("ports") and r.get("to") for r in spec["egress"])
+
+
+def test_pod_monitor() -> None:
+    (monitor,) = load(DEPLOY / "k8s/monitoring/podmonitor.yaml")
+    (dep,) = load(DEPLOY / "k8s/deployment.yaml")
+    (kustomization,) = load(DEPLOY / "k8s/monitoring/kustomization.yaml")
+    assert kustomization["resources"] == ["podmonitor.yaml"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert endpoint["port"] in {p["name"] for p in container["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # The alert rules and the dashboard select job="openred-hub".
+    assert {"action": "replace", "targetLabel": "job", "replacement": "openred-hub"} \
+        in endpoint["relabelings"]
+
+
+# -- edge limits ------------------------------------------------------------------------------
+
+
+def nginx_location(conf: str, head: str) -> str:
+    body = conf[conf.index(head):]
+    return body[:body.index("}")]
+
+
+def test_edge_limits_in_nginx_and_ingress() -> None:
+    """limit_req / limit_conn on the upgrade path and the admin API (nginx.conf), the
+    same numbers as the Ingress annotations; nginx -t on this file runs in
+    tests/cluster/test_nginx.py."""
+    conf = (DEPLOY / "nginx/nginx.conf").read_text()
+    zones = {m.group(1): m.group(2) for m in re.finditer(
+        r"limit_req_zone\s+\$binary_remote_addr\s+zone=(\w+):\d+m\s+rate=(\d+)r/s;", conf)}
+    conn_zones = set(re.findall(r"limit_conn_zone\s+\$binary_remote_addr\s+zone=(\w+):", conf))
+    limits = {}
+    for head in ("location = /v1/ws", "listen 127.0.0.1:8081"):
+        loc = nginx_location(conf, head) if head.startswith("location") else \
+            nginx_location(conf[conf.index(head):], "location /")
+        req = re.search(r"limit_req\s+zone=(\w+)\s+burst=(\d+)\s+nodelay;", loc)
+        conn = re.search(r"limit_conn\s+(\w+)\s+(\d+);", loc)
+        assert req and conn, head
+        assert req.group(1) in zones and conn.group(1) in conn_zones, head
+        limits[head] = (int(zones[req.group(1)]), int(req.group(2)), int(conn.group(2)))
+    assert re.search(r"limit_req_status 429;", conf) and re.search(r"limit_conn_status 429;", conf)
+    rate, burst, sessions = limits["location = /v1/ws"]
+    # The proxy holds each client to the hub's own default per-IP cap; behind it, with
+    # no trusted proxies listed, every node shares the controller's address, so the
+    # ConfigMap turns the hub's per-IP cap off (it would cap the whole pod).
+    from hub.config import load_config
+
+    assert sessions == load_config(None, env={}).limits.max_connections_per_ip
+    k8s = k8s_config()
+    assert not k8s.server.trusted_proxies and k8s.limits.max_connections_per_ip == 0
+    (ingress,) = load(DEPLOY / "k8s/ingress.yaml")
+    notes = ingress["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert int(notes[prefix + "limit-rps"]) == rate
+    assert int(notes[prefix + "limit-rps"]) * int(notes[prefix + "limit-burst-multiplier"]) \
+        == burst
+    assert int(notes[prefix + "limit-connections"]) == sessions
+
+
+# -- the image: reproducible ---------------------------------------------------------------
+
+
+def lock_pins(path: Path) -> dict[str, str]:
+    """name -> version of a pip-compile --generate-hashes file, each with its hashes."""
+    text = path.read_text()
+    pins = {}
+    for block in re.split(r"\n(?=[a-z0-9])", text):
+        m = re.match(r"([a-z0-9][a-z0-9._-]*)==([^\s;\\]+)", block)
+        if m:
+            assert "--hash=sha256:" in block, f"{m.group(1)} has no hash in {path.name}"
+            pins[m.group(1)] = m.group(2)
+    return pins
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_image_is_reproducible() -> None:
+    text = (DEPLOY / "docker/Dockerfile").read_text()
+    # The base by digest (with the tag kept for readers), for both stages.
+    (base,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", base), base
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    assert "imagetools inspect" in text  # how to bump it
+    # Dependencies from the lock files only, by hash, as wheels.
+    runs = " ".join(instruction([ln.strip() for ln in re.sub(r"\\\n", " ", text).splitlines()
+                                 if ln.strip() and not ln.startswith("#")], "RUN"))
+    assert "--require-hashes --only-binary :all: -r /tmp/requirements.lock" in \
+        re.sub(r"\s+", " ", runs)
+    assert "--require-hashes --only-binary :all: -r /tmp/build.lock" in re.sub(r"\s+", " ", runs)
+    assert "--no-build-isolation --no-index" in runs  # the hub's wheel: nothing fetched
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert {"!deploy/docker/requirements.lock", "!deploy/docker/build.lock"} <= set(ignore)
+    # The lock pins every dependency of pyproject.toml (and the build lock setuptools).
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = lock_pins(DEPLOY / "docker/requirements.lock")
+    for dep in pyproject["project"]["dependencies"]:
+        m = re.match(r"[A-Za-z0-9._-]+", dep)
+        assert m is not None, dep
+        name = canonical(m.group(0))
+        assert name in pins, f"{name} is not in requirements.lock: run deploy/docker/update-locks"
+    build = lock_pins(DEPLOY / "docker/build.lock")
+    assert set(build) == {"setuptools"}
+    assert pyproject["build-system"]["requires"] == ["setuptools>=68"]
+
+
+def test_final_image_has_no_pip_and_oci_labels() -> None:
+    stage = final_stage((DEPLOY / "docker/Dockerfile").read_text())
+    runs = " ".join(instruction(stage, "RUN"))
+    assert "pip uninstall --yes --quiet pip setuptools wheel" in runs
+    assert not re.search(r"pip (install|wheel)", runs)
+    labels = " ".join(instruction(stage, "LABEL"))
+    for key in ("title", "description", "licenses", "version", "revision", "created",
+                "source", "base.name"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    args = {a.split("=")[0] for a in instruction(stage, "ARG")}
+    assert {"VERSION", "REVISION", "CREATED", "SOURCE"} <= args
