@@ -104,8 +104,11 @@ class Admission:
         if not self.ip_limiter.allow(conn.ip, hub.loop.time()):
             hub.metrics.handshakes["rate_limited"] += 1
             return 429, "Too Many Requests\n"
-        origin = request.headers.get("Origin")
-        if origin is not None and not self.origin_allowed(origin):
+        origins = request.headers.get_all("Origin")
+        if len(origins) > 1:  # RFC 6454 §7.3: one Origin; two is not a browser's request
+            hub.metrics.handshakes["origin_refused"] += 1
+            return 400, "more than one Origin header\n"
+        if origins and not self.origin_allowed(origins[0]):
             # docs/protocol.md §1: a browser page from a site not listed must not reach
             # a hub (in open mode it could authenticate with a fresh key and read).
             hub.metrics.handshakes["origin_refused"] += 1
@@ -157,6 +160,10 @@ class Admission:
         from hub.session import AUTH
 
         hub = self.hub
+        if session.state is not AUTH:
+            # Closed before this task ran (a frame after the hello, a slow consumer): it
+            # must not register, nor replace the node's live session.
+            return
         try:
             auth = session.handshake.check(hello)
         except E.HandshakeError as exc:

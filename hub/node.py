@@ -29,7 +29,7 @@ from hub.forwarded import TrustedProxies
 from hub.metrics import Metrics
 from hub.resync import RESYNC_COMMAND, Resyncs
 from hub.session import ACTIVE, CLOSED, Session
-from hub.transport import Connection
+from hub.transport import OPEN, Connection
 from persistence.store import (
     HistoryEntry,
     QueueFull,
@@ -128,10 +128,12 @@ class HubNode:
     def start(self) -> None:
         self._housekeeping = self.loop.create_task(self._housekeep())
 
-    def background(self, coro: Any) -> None:
+    def background(self, coro: Any) -> asyncio.Task[Any]:
+        """Run `coro` as the hub's own task (kept until done; not a session's)."""
         task = self.loop.create_task(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
+        return task
 
     async def shutdown(self, grace_s: float) -> None:
         """§7 graceful shutdown: say bye (retry_ms), close 1012, let in-flight store
@@ -166,8 +168,9 @@ class HubNode:
                 c.transport.abort()
 
     async def _housekeep(self) -> None:
-        """Once a second: pings every hb, idle close after 3 x hb (§7); every minute:
-        purge expired messages."""
+        """Once a second: pings every hb, idle close after 3 x hb, slow-consumer close
+        after 3 x hb of a socket that does not drain (§8); every minute: purge expired
+        messages."""
         hb = self.cfg.limits.hb_s
         idle = 3 * hb
         tick = 0
@@ -176,6 +179,13 @@ class HubNode:
             tick += 1
             now = self.loop.time()
             for c in list(self.connections):
+                if c.phase is not OPEN:
+                    continue
+                if c.write_paused and now - c.paused_at > idle:
+                    # §8: a socket that has not drained for 3 x hb is a slow consumer,
+                    # whatever the peer still sends (pings keep it from looking idle).
+                    c.slow_consumer()
+                    continue
                 s = c.session
                 if s is None or s.state is not ACTIVE:
                     continue
@@ -243,16 +253,36 @@ class HubNode:
                 session.reply_error(f.id, E.NO_ROUTE, "node is offline")
 
     async def send_q1(self, session: Session, f: Send, mid: str, ts: int,
-                      prev: asyncio.Future[Any] | None = None) -> None:
+                      prev: asyncio.Future[Any] | None, routed: asyncio.Future[None]
+                      ) -> None:
         """A QoS 1 direct message (§5): stored before `ok`, then delivered behind the
-        sender's earlier messages (`prev`)."""
+        sender's earlier messages (`prev`, their `routed`). `routed` is resolved once
+        this one is delivered or refused, whatever happens to the sender's session."""
+        delivery: asyncio.Task[None] | None = None
+        try:
+            if not await self._store_q1(session, f, mid, ts):
+                return
+            session.reply_ok(f.id, mid=mid, status="stored")  # §5: stored before ok
+            frame = encode_msg(mid, session.node_id, f.body, ts, 1, f.sig)
+            # Accepted: from here on the delivery is the hub's, not the sender session's:
+            # a task of the hub's own, so that the sender going away (its tasks
+            # cancelled) does not keep an online recipient from a message it was told
+            # is stored.
+            delivery = self.background(self._deliver_in_order(f.to, mid, frame, prev, routed))
+            await asyncio.shield(delivery)
+        finally:
+            if delivery is None and not routed.done():
+                routed.set_result(None)  # refused (or cancelled): later ones need not wait
+
+    async def _store_q1(self, session: Session, f: Send, mid: str, ts: int) -> bool:
+        """Store a QoS 1 message; False (the error answered) when it is refused."""
         store = self.store
         try:
             if self.allowlist:
                 rec = await store.get_node(f.to)
                 if rec is None or not rec.registered:
                     session.reply_error(f.id, E.NO_ROUTE, "node is not registered")
-                    return
+                    return False
             ttl = f.ttl if f.ttl is not None else self.message_ttl_s
             msg = StoredMessage(mid, session.node_id, f.to, f.body, ts, ts + ttl * 1000,
                                 f.sig, f.receipt)
@@ -261,19 +291,26 @@ class HubNode:
             self.metrics.store_write_seconds.observe(time.perf_counter() - t0)
         except QueueFull:
             session.reply_error(f.id, E.QUEUE_FULL, "recipient queue is full")
-            return
+            return False
         except StoreUnavailable:
             session.reply_error(f.id, E.UNAVAILABLE, "store unavailable")
-            return
+            return False
         except StoreError:  # refused for this message alone (e.g. a duplicate mid)
             log.exception("qos 1 store write refused", extra={"event": "store_refused"})
             session.reply_error(f.id, E.INTERNAL, "message not stored")
-            return
-        session.reply_ok(f.id, mid=mid, status="stored")  # §5: stored before ok
-        frame = encode_msg(mid, session.node_id, f.body, ts, 1, f.sig)
-        if prev is not None and not prev.done():
-            await asyncio.wait((prev,))  # §5 order: this sender's earlier messages first
-        await self.deliver_q1(f.to, mid, frame)
+            return False
+        return True
+
+    async def _deliver_in_order(self, node_id: str, mid: str, frame: bytes,
+                                prev: asyncio.Future[Any] | None,
+                                routed: asyncio.Future[None]) -> None:
+        try:
+            if prev is not None and not prev.done():
+                await asyncio.wait((prev,))  # §5 order: the sender's earlier messages first
+            await self.deliver_q1(node_id, mid, frame)
+        finally:
+            if not routed.done():
+                routed.set_result(None)
 
     async def publish_to_node(self, node_id: str, frame: bytes, qos: int, mid: str) -> bool:
         t0 = time.perf_counter()

@@ -75,10 +75,11 @@ HELLO, AUTH, ACTIVE, CLOSED = State.HELLO, State.AUTH, State.ACTIVE, State.CLOSE
 class _Recovery:
     """Live topic messages held back while a `sub` reads history (§6: no gap, no dup)."""
 
-    __slots__ = ("items",)
+    __slots__ = ("items", "nbytes")
 
     def __init__(self) -> None:
         self.items: list[tuple[int, bytes]] = []
+        self.nbytes = 0
 
 
 class Session:
@@ -397,10 +398,13 @@ class Session:
             frame = encode_msg(mid, self.node_id, f.body, ts, 0, f.sig)
             tail = self._q1_tail
             if tail is not None and not tail.done():
-                # §5 order: a QoS 0 message waits for earlier QoS 1 ones to this hub's
-                # store, so that all messages of one sender keep their order. The chain
-                # link is done only once this message is routed (a later QoS 1 waits).
+                # §5 order: a QoS 0 message waits for earlier QoS 1 ones to be routed,
+                # so that all messages of one sender keep their order. The chain link is
+                # done only once this message is routed (a later QoS 1 waits). It holds
+                # its body meanwhile: counted in flight, like a task.
                 done: asyncio.Future[None] = self.loop.create_future()
+                nbytes = len(f.body)
+                self._work_added(nbytes)
 
                 def route(_t: Any, f: Send = f, mid: str = mid, frame: bytes = frame,
                           done: asyncio.Future[None] = done) -> None:
@@ -409,13 +413,16 @@ class Session:
                             hub.route0(self, f, mid, frame)
                     finally:
                         done.set_result(None)
+                        self._work_done(nbytes)
 
                 tail.add_done_callback(route)
                 self._q1_tail = done
             else:
                 hub.route0(self, f, mid, frame)
             return
-        self._q1_tail = self.spawn(hub.send_q1(self, f, mid, ts, self._q1_tail), len(f.body))
+        routed: asyncio.Future[None] = self.loop.create_future()
+        self.spawn(hub.send_q1(self, f, mid, ts, self._q1_tail, routed), len(f.body))
+        self._q1_tail = routed
 
     def push_q1(self, mid: str, frame: bytes) -> None:
         """A live QoS 1 message for this session (already stored)."""
@@ -442,8 +449,12 @@ class Session:
             self.push(frame)
             return
         rec.items.append((seq, frame))
-        if len(rec.items) > self.hub.send_queue_max:
-            self.conn.slow_consumer()
+        rec.nbytes += len(frame)
+        conn = self.conn
+        # §8: what is held counts with what is queued, in frames and in bytes.
+        if (len(rec.items) > conn.max_frames
+                or rec.nbytes + conn.out_bytes > conn.max_bytes):
+            conn.slow_consumer()
 
     async def _sub(self, f: Sub) -> None:
         hub = self.hub

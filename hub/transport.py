@@ -63,10 +63,10 @@ UPGRADE, OPEN, CLOSING, CLOSED = Phase.UPGRADE, Phase.OPEN, Phase.CLOSING, Phase
 class Connection(asyncio.Protocol):
     # Slots: tens of thousands of idle connections per process, none with a dict.
     __slots__ = (
-        "_flush_scheduled", "_flushes", "_pong", "_reading_paused", "_room", "_timer",
-        "batch_out", "counted_ip", "hub", "ip", "last_ping", "last_rx", "loop", "max_bytes",
-        "max_frames", "out", "out_bytes", "phase", "reader", "refusal", "session", "transport",
-        "write_paused", "writer", "ws",
+        "_flush_scheduled", "_flushes", "_grace", "_pong", "_reading_paused", "_room",
+        "_timer", "batch_out", "counted_ip", "hub", "ip", "last_ping", "last_rx", "loop",
+        "max_bytes", "max_frames", "out", "out_bytes", "paused_at", "phase", "reader",
+        "refusal", "session", "transport", "write_paused", "writer", "ws",
     )
 
     def __init__(self, hub: HubNode) -> None:
@@ -89,11 +89,13 @@ class Connection(asyncio.Protocol):
         self.max_bytes = cfg.limits.send_queue_max_bytes
         self.batch_out = False
         self.write_paused = False
+        self.paused_at = 0.0  # loop time writing last paused (HubNode's write deadline)
         self._reading_paused = 0  # reasons reading is paused (hub/session.py, shutdown)
         self._flush_scheduled = False
         self._flushes = 0
         self._pong: bytes | None = None  # payload of the latest unanswered ping
         self._timer: asyncio.TimerHandle | None = None  # open deadline, then close grace
+        self._grace = False  # _timer is the close grace
         self._room: asyncio.Event | None = None
         self.last_rx = self.loop.time()
         self.last_ping = self.last_rx
@@ -142,6 +144,17 @@ class Connection(asyncio.Protocol):
         # else: a closing connection; what it sends is dropped.
 
     def eof_received(self) -> bool | None:
+        """The peer half-closed: it will send nothing more, the close frame included.
+        The session ends now (out of the registry, nothing more routed to it) and the
+        socket closes, aborted after the grace period if what is queued never drains."""
+        if self.phase is OPEN:
+            self.phase = CLOSING
+            if self.session is not None:
+                self.session.closing()
+            self.out = []
+            self.out_bytes = 0
+            self._wake_room()
+        self._abort_later()
         return None  # the transport closes itself; connection_lost cleans up
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -156,11 +169,11 @@ class Connection(asyncio.Protocol):
         self.hub.connection_closed(self)
         self.out = []
         self.out_bytes = 0
-        if self._room is not None:
-            self._room.set()
+        self._wake_room()
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.paused_at = self.loop.time()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -189,7 +202,8 @@ class Connection(asyncio.Protocol):
                 if not transport.is_closing():
                     transport.write(data)
             else:  # SEND_EOF: the server closes the TCP connection (RFC 6455 §7.1.1)
-                self._stop_timer()
+                self.phase = CLOSING
+                self._abort_later()  # a peer that does not read the refusal: gone anyway
                 transport.close()
 
     def _on_request(self, request: Request) -> None:
@@ -235,6 +249,26 @@ class Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
 
+    def _abort_later(self) -> None:
+        """From now on the connection has CLOSE_GRACE_S to be gone (the open-timeout
+        timer, if any, is replaced; an earlier grace timer is kept)."""
+        transport = self.transport
+        if transport is None or self.phase is CLOSED:
+            return
+        if self._timer is not None:
+            if self._grace:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_later(CLOSE_GRACE_S, transport.abort)
+        self._grace = True
+
+    def _wake_room(self) -> None:
+        """Wake every waiter of wait_room (they share one event)."""
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+
     def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -273,7 +307,11 @@ class Connection(asyncio.Protocol):
             data = self.writer.close(1000 if code == 1005 else code)
             if transport is not None and not transport.is_closing():
                 transport.write(data)
+            self._wake_room()
         if transport is not None:
+            # close() waits for the buffer to drain: a peer that closed and stopped
+            # reading would keep it (and its per-IP slot) forever without the deadline.
+            self._abort_later()
             transport.close()
 
     def fail(self, code: int, reason: str) -> None:
@@ -281,6 +319,7 @@ class Connection(asyncio.Protocol):
         without waiting for the peer's."""
         self.close(code, reason)
         if self.transport is not None:
+            self._abort_later()
             self.transport.close()
 
     # -- outgoing -----------------------------------------------------------------------
@@ -344,8 +383,7 @@ class Connection(asyncio.Protocol):
             data = data + writer.messages(out) if data else writer.messages(out)
         if data:
             transport.write(data)
-        if self._room is not None:
-            self._room.set()
+        self._wake_room()
 
     def _batches(self, frames: list[bytes]) -> list[bytes]:
         """docs/protocol.md §1: frames as msgpack arrays, each within max_frame_bytes."""
@@ -372,9 +410,10 @@ class Connection(asyncio.Protocol):
         many frames at once: a replay, a topic recovery). False once the connection
         is closing."""
         while self.phase is OPEN and not self.has_room():
-            self._room = asyncio.Event()
-            await self._room.wait()
-        self._room = None
+            room = self._room
+            if room is None:
+                room = self._room = asyncio.Event()
+            await room.wait()
         return self.phase is OPEN
 
     def send_ping(self) -> None:
@@ -414,21 +453,18 @@ class Connection(asyncio.Protocol):
         out = self.out
         self.out = []
         self.out_bytes = 0
-        if transport is None or transport.is_closing():
-            return
-        if self.write_paused:
-            out = []  # a full socket: only the short last words go
-        out.extend(last)
-        data = writer.messages(out) if out else b""
-        transport.write(data + writer.close(code, reason))
-        self._stop_timer()
-        self._timer = self.loop.call_later(CLOSE_GRACE_S, transport.abort)
-        if self._room is not None:
-            self._room.set()
-        # Read on, whatever paused it: the peer's close frame ends the handshake.
-        if self._reading_paused:
-            self._reading_paused = 0
-            transport.resume_reading()
+        if transport is not None and not transport.is_closing():
+            if self.write_paused:
+                out = []  # a full socket: only the short last words go
+            out.extend(last)
+            data = writer.messages(out) if out else b""
+            transport.write(data + writer.close(code, reason))
+            # Read on, whatever paused it: the peer's close frame ends the handshake.
+            if self._reading_paused:
+                self._reading_paused = 0
+                transport.resume_reading()
+        self._abort_later()
+        self._wake_room()
 
     def slow_consumer(self) -> None:
         self.hub.metrics.slow_consumer_disconnects += 1
