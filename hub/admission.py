@@ -217,8 +217,7 @@ class Admission:
                                               pending, hub.welcome_limits))
         # Replay even when `pending` was 0: with a concurrent store a message may have
         # been stored between the count and the registration above.
-        assert session.inbox is not None
-        await session.inbox.replay()
+        await session.replay_queue()
 
 
 def _reason_label(reason: str) -> str:

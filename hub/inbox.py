@@ -94,6 +94,13 @@ class Inbox:
         return self._replay_again
 
     @property
+    def idle(self) -> bool:
+        """Nothing to remember: no replay, nothing held, nothing unacked in flight, and
+        tracking not given up (that must be remembered)."""
+        return (not self._replaying and self._backlog is None and not self._unacked
+                and not self._unacked_lost and self._acked_in_replay is None)
+
+    @property
     def tracks_unacked(self) -> bool:
         """False once the unacked set outgrew its bound (resyncs are off for good)."""
         return not self._unacked_lost
@@ -161,6 +168,8 @@ class Inbox:
             # comes again: at least once). A replay started later reads the store after
             # the ack was submitted, so it sees it.
             unacked.difference_update(mids)
+            if not unacked:
+                self._unacked = None
 
     # -- replay and resync --------------------------------------------------------------
 

@@ -233,7 +233,7 @@ class HubNode:
             metrics = self.metrics
             metrics.routed["local"] += 1
             metrics.frames_out["msg"] += 1
-            target.push(frame)
+            target.conn.push(frame)
             self.sample_route(session.rx_time)
             if f.id is not None:
                 session.reply_ok(f.id, mid=mid, status="sent")

@@ -46,8 +46,10 @@ class Resyncs:
     def schedule(self, session: Session) -> None:
         """Have a session read its stored QoS 1 queue again and get what it has not got
         in flight, when its turn comes."""
-        inbox = session.inbox
-        if session in self._queued or inbox is None or not inbox.request_resync():
+        if session in self._queued or not session.active:
+            return
+        if not session.get_inbox().request_resync():
+            session.drop_idle_inbox()
             return
         self._queued.add(session)
         self.waiting.append(session)
@@ -62,6 +64,7 @@ class Resyncs:
                 task = session.spawn(inbox.resync())
                 self.running += 1
                 task.add_done_callback(self._done)
+                task.add_done_callback(session.drop_idle_inbox)
 
     def _done(self, _task: asyncio.Task[Any]) -> None:
         self.running -= 1

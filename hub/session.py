@@ -87,16 +87,13 @@ class Session:
     __slots__ = (
         "_bucket", "_ctl", "_ctl_task", "_handshake", "_hello_timer", "_inflight",
         "_inflight_bytes", "_q1_tail", "_read_paused", "_refused", "_refused_since",
-        "_tasks", "conn", "hub", "inbox", "ip", "key", "loop", "node_id", "push",
+        "_tasks", "conn", "hub", "inbox", "ip", "key", "loop", "node_id",
         "registered", "rx_time", "session_id", "state", "topics", "topics_allowed",
     )
 
     def __init__(self, hub: HubNode, conn: Connection) -> None:
         self.hub = hub
         self.conn = conn
-        # The connection's push, bound once: routing calls `session.push(frame)` on the
-        # hot path without a hop through this class.
-        self.push: Callable[[bytes], None] = conn.push
         self.loop = hub.loop
         self.state = HELLO
         self.ip = conn.ip
@@ -107,6 +104,8 @@ class Session:
         self.topics_allowed: tuple[str, ...] | None = None
         self.topics: dict[str, _Recovery | None] = {}
         self.rx_time = self.loop.time()  # when the frames being handled were read
+        # Made when needed (the replay at welcome, a QoS 1 message, a resync) and dropped
+        # when it has nothing to remember: idle sessions stay small.
         self.inbox: Inbox | None = None
         self._handshake: ServerHandshake | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -116,7 +115,7 @@ class Session:
         self._inflight = 0
         self._inflight_bytes = 0
         self._read_paused = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] | None = None  # made by the first spawn
         self._q1_tail: asyncio.Future[Any] | None = None
         self._ctl: deque[Callable[[], Coroutine[Any, Any, None]]] | None = None
         self._ctl_task: asyncio.Task[None] | None = None
@@ -124,6 +123,11 @@ class Session:
     @property
     def active(self) -> bool:
         return self.state is ACTIVE
+
+    def push(self, frame: bytes) -> None:
+        """Queue one frame for the node (hub/transport.py; routing's hot paths call
+        `session.conn.push` directly)."""
+        self.conn.push(frame)
 
     @property
     def handshake(self) -> ServerHandshake:
@@ -175,7 +179,7 @@ class Session:
 
     def connection_lost(self) -> None:
         self.closing()
-        for task in self._tasks:
+        for task in self._tasks or ():
             task.cancel()
         if self._ctl_task is not None:
             self._ctl_task.cancel()
@@ -188,7 +192,7 @@ class Session:
 
     def pending_tasks(self) -> list[asyncio.Task[Any]]:
         """What this session has in flight (a graceful shutdown waits for it)."""
-        return [t for t in self._tasks if not t.done()]
+        return [t for t in self._tasks or () if not t.done()]
 
     # -- inbound ------------------------------------------------------------------------
 
@@ -249,11 +253,31 @@ class Session:
         self.node_id = node_id
         self.session_id = session_id
         self.registered = True
-        hub = self.hub
-        self.inbox = Inbox(node_id, hub.store, self, hub.metrics.frames_out,
-                           max_unacked=hub.max_unacked, max_backlog=hub.send_queue_max,
-                           max_backlog_bytes=hub.cfg.limits.send_queue_max_bytes)
-        self.inbox.hold_live()
+        self.get_inbox().hold_live()
+
+    def get_inbox(self) -> Inbox:
+        """The session's QoS 1 inbox, made if it has none."""
+        inbox = self.inbox
+        if inbox is None:
+            hub = self.hub
+            inbox = self.inbox = Inbox(
+                self.node_id, hub.store, self, hub.metrics.frames_out,
+                max_unacked=hub.max_unacked, max_backlog=hub.send_queue_max,
+                max_backlog_bytes=hub.cfg.limits.send_queue_max_bytes)
+        return inbox
+
+    def drop_idle_inbox(self, _task: Any = None) -> None:
+        """Forget the inbox once it has nothing to remember (usable as a done callback)."""
+        inbox = self.inbox
+        if inbox is not None and inbox.idle:
+            self.inbox = None
+
+    async def replay_queue(self) -> None:
+        """§5: the stored QoS 1 queue, then live delivery (at welcome)."""
+        try:
+            await self.get_inbox().replay()
+        finally:
+            self.drop_idle_inbox()
 
     def activate(self, auth: Authenticated, welcome: bytes) -> None:
         """The node is accepted: the welcome goes out before anything routed to the
@@ -320,7 +344,10 @@ class Session:
     def spawn(self, coro: Coroutine[Any, Any, Any], nbytes: int = 0) -> asyncio.Task[Any]:
         """Run `coro` as this session's task; `nbytes`: the body it holds."""
         task = self.loop.create_task(coro)
-        self._tasks.add(task)
+        tasks = self._tasks
+        if tasks is None:
+            tasks = self._tasks = set()
+        tasks.add(task)
         self._work_added(nbytes)
         task.add_done_callback(partial(self._task_done, nbytes) if nbytes else self._task_done0)
         return task
@@ -348,7 +375,11 @@ class Session:
         self._task_done(0, task)
 
     def _task_done(self, nbytes: int, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+        tasks = self._tasks
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                self._tasks = None  # an idle session holds no empty set (216 bytes)
         self._work_done(nbytes)
         if not task.cancelled():
             exc = task.exception()
@@ -426,13 +457,15 @@ class Session:
 
     def push_q1(self, mid: str, frame: bytes) -> None:
         """A live QoS 1 message for this session (already stored)."""
-        inbox = self.inbox
-        if inbox is not None:
-            inbox.live(mid, frame)
+        if self.state is not CLOSED:
+            self.get_inbox().live(mid, frame)
 
     def _on_ack(self, f: Ack) -> None:
-        if self.inbox is not None:
-            self.inbox.acked(f.mids)
+        inbox = self.inbox
+        if inbox is not None:
+            inbox.acked(f.mids)
+            if inbox.idle:
+                self.inbox = None
         self.spawn(self.hub.ack(self, f.mids, f.id))
 
     # -- topics (§6) --------------------------------------------------------------------
@@ -446,7 +479,7 @@ class Session:
     def push_topic(self, topic: str, seq: int, frame: bytes) -> None:
         rec = self.topics.get(topic)
         if rec is None:
-            self.push(frame)
+            self.conn.push(frame)
             return
         rec.items.append((seq, frame))
         rec.nbytes += len(frame)

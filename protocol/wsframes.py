@@ -276,9 +276,11 @@ class FrameReader:
         self._max_fragments = max_fragments
         self._deflate = deflate
         self.done = False
-        self._buf = bytearray()  # the partial frame at the end of the last feed
+        # Both buffers are b"" while empty (most of the time, for an idle connection):
+        # a bytearray only while it holds something, so idle readers stay small.
+        self._buf: bytes | bytearray = b""  # the partial frame at the end of the last feed
         self._need = 0  # bytes _buf must hold before parsing can progress
-        self._frag = bytearray()  # payload of the fragmented message so far (unmasked)
+        self._frag: bytes | bytearray = b""  # the fragmented message so far (unmasked)
         self._msg_op = 0  # OP_TEXT or OP_BINARY while a fragmented message is open
         self._nfrag = 0
         self._deflated = False  # the open fragmented message had RSV1 (RFC 7692 §6.1)
@@ -295,8 +297,8 @@ class FrameReader:
 
     def _stop(self) -> None:
         self.done = True
-        self._buf = bytearray()
-        self._frag = bytearray()
+        self._buf = b""
+        self._frag = b""
         self._need = 0
 
     def _message(self, events: list[Event], op: int, payload: bytes | bytearray,
@@ -336,6 +338,7 @@ class FrameReader:
         buf = self._buf
         view: bytes | bytearray
         if buf:
+            assert type(buf) is bytearray
             buf += data
             if len(buf) < self._need:  # the pending frame is still incomplete
                 return []
@@ -454,16 +457,17 @@ class FrameReader:
                 else:  # §5.4: the first fragment; control frames may come between
                     msg_op = op
                     self._deflated = bool(b0 & 0x40)
-                    self._frag += payload
+                    self._frag = bytearray(payload)
                     self._nfrag = 1
             elif op == OP_CONT:
                 # One bytearray for all fragments: an empty one costs no memory.
                 frag = self._frag
+                assert type(frag) is bytearray  # made by the first fragment
                 frag += payload
                 self._nfrag += 1
                 if b0 & 0x80:
                     whole = bytes(frag)
-                    frag.clear()
+                    self._frag = b""
                     self._nfrag = 0
                     if not self._message(events, msg_op, whole, self._deflated):
                         return events
@@ -481,9 +485,12 @@ class FrameReader:
         self._need = need
         if buf:
             if pos:
+                assert type(buf) is bytearray
                 del buf[:pos]
+                if not buf:
+                    self._buf = b""
         elif pos < n:
-            buf += memoryview(view)[pos:]  # the caller's buffer is not kept
+            self._buf = bytearray(memoryview(view)[pos:])  # the caller's buffer is not kept
         return events
 
 
