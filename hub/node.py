@@ -29,6 +29,7 @@ from hub.forwarded import TrustedProxies
 from hub.metrics import Metrics
 from hub.resync import RESYNC_COMMAND, Resyncs
 from hub.session import ACTIVE, CLOSED, Session
+from hub.topic_order import TopicOrder
 from hub.transport import OPEN, Connection
 from persistence.store import (
     HistoryEntry,
@@ -106,6 +107,7 @@ class HubNode:
         self._housekeeping: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self.resyncs = Resyncs(self)
+        self.topic_order = TopicOrder(self)
         self.admission = Admission(self)
 
     # -- lifecycle ----------------------------------------------------------------
@@ -141,8 +143,6 @@ class HubNode:
         self.accepting = False
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        retry_ms = 1000 + int.from_bytes(os.urandom(2), "big") % 4000
-        bye = encode_bye("shutdown", retry_ms)
         # Stop reading first, so that what was accepted gets its `ok` before the bye.
         inflight: list[asyncio.Task[Any]] = []
         for c in list(self.connections):
@@ -154,7 +154,10 @@ class HubNode:
         for c in list(self.connections):
             # The close resumes reading, for the peer's close frame (§8).
             if c.session is not None and c.session.active:
-                c.close(E.CLOSE_RESTART, "restart", (bye,))
+                # §8: retry_ms is drawn per session, so the nodes of a restarting hub
+                # spread their reconnects over the window instead of coming back at once.
+                retry_ms = 1000 + int.from_bytes(os.urandom(2), "big") % 4000
+                c.close(E.CLOSE_RESTART, "restart", (encode_bye("shutdown", retry_ms),))
             else:
                 c.close(E.CLOSE_RESTART, "restart")
         if self.connections:
@@ -396,6 +399,7 @@ class HubNode:
         subs = self.topics.get(topic)
         if subs is None:
             subs = self.topics[topic] = set()
+            self.topic_order.start(topic)
             if self.clustered:
                 pending = asyncio.ensure_future(self.broker.interest(topic, True))
                 self._interest[topic] = pending
@@ -419,6 +423,7 @@ class HubNode:
         subs.discard(session)
         if not subs:
             del self.topics[topic]
+            self.topic_order.stop(topic)
             if self.clustered:
                 self.background(self.broker.interest(topic, False))
 
@@ -447,7 +452,10 @@ class HubNode:
                     session.reply_error(fid, E.UNAVAILABLE, "history store unavailable")
                 return None
         frame = encode_topic_msg(mid, sender, topic, seq, body, ts)
-        self.fanout(topic, seq, frame, session)
+        # To local subscribers in seq order (hub/topic_order.py), like the publications
+        # of other instances.
+        self.topic_order.deliver(topic, seq, frame, sender,
+                                 session.rx_time if session is not None else None)
         if self.clustered:
             try:
                 await self.broker.publish_to_topic(topic, seq, frame)
@@ -466,6 +474,16 @@ class HubNode:
     async def topic_seq(self, topic: str) -> int:
         """The topic's current sequence, cluster wide."""
         return await self.broker.last_seq(topic)
+
+    def topic_cursor(self, topic: str) -> int:
+        """The seq this instance's cursor of `topic` hands out next (hub/topic_order.py):
+        everything below it has been handed out or is gone."""
+        return self.topic_order.cursor(topic)
+
+    def topic_baseline(self, topic: str, seq: int) -> None:
+        """A `sub` knows where its topic stands: local subscribers get what comes after
+        `seq`, in order, if nobody here subscribed it before (hub/topic_order.py)."""
+        self.topic_order.baseline(topic, seq)
 
     def mark_dirty(self, conn: Connection) -> None:
         """A connection has frames to write: all such are flushed by one callback at
@@ -492,16 +510,19 @@ class HubNode:
     def _observe_route(self, rx_time: float) -> None:
         self.metrics.route_seconds.observe(self.loop.time() - rx_time)
 
-    def fanout(self, topic: str, seq: int, frame: bytes, exclude: Session | None) -> None:
+    def fanout(self, topic: str, seq: int, frame: bytes, sender: str | None,
+               rx_time: float | None = None) -> None:
+        """Write one publication to every local subscriber but its publisher (§6), in
+        the order hub/topic_order.py hands them out."""
         subs = self.topics.get(topic)
         if not subs:
             return
-        if exclude is not None:
-            self.sample_route(exclude.rx_time)
+        if rx_time is not None:
+            self.sample_route(rx_time)
         n = 0
-        # A copy: push_topic may drop a slow consumer, which leaves `subs` (§7).
+        # A copy: push_topic may drop a slow consumer, which leaves `subs` (§8).
         for s in tuple(subs):
-            if s is not exclude:
+            if s.node_id != sender:
                 s.push_topic(topic, seq, frame)
                 n += 1
         self.metrics.frames_out["msg"] += n
@@ -533,8 +554,11 @@ class HubNode:
         self.resyncs.schedule(session)
 
     def on_broker_up(self) -> None:
-        """The broker is reachable again (hub/broker.py): see `Resyncs.on_broker_up`."""
+        """The broker is reachable again (hub/broker.py): stored QoS 1 messages it could
+        not carry (`Resyncs.on_broker_up`), and topic messages published elsewhere
+        meanwhile (`TopicOrder.catch_up`)."""
         self.resyncs.on_broker_up(list(self.local.values()))
+        self.topic_order.catch_up()
 
     # -- broker handler (traffic from other instances) --------------------------------
 
@@ -548,7 +572,8 @@ class HubNode:
             s.push(frame)
 
     def on_topic_frame(self, topic: str, seq: int, frame: bytes) -> None:
-        self.fanout(topic, seq, frame, None)
+        # The sender is on another instance (one session per node): nobody to exclude.
+        self.topic_order.deliver(topic, seq, frame, None)
 
     def on_control(self, node_id: str, command: str, session_id: str | None) -> None:
         s = self.local.get(node_id)

@@ -513,6 +513,19 @@ class Session:
                     pass
             entries = [] if f.since is None else await hub.history_since(topic, f.since)
             seq = await hub.topic_seq(topic)
+            # Where the topic's cursor starts on this instance, if this is its first
+            # subscription (hub/topic_order.py): after the unbroken run of history this
+            # `sub` read, so that what is still being stored (a hole in that run, or
+            # after it) comes live, in order; a plain `sub` wants what comes after `seq`.
+            if f.since is not None and hub.cfg.store.topic_history > 0:
+                run = entries[0].seq - 1 if entries else f.since
+                for e in entries:
+                    if e.seq != run + 1:
+                        break
+                    run = e.seq
+                hub.topic_baseline(topic, min(seq, max(f.since, run)))
+            else:
+                hub.topic_baseline(topic, seq)
         except Exception:
             if not held:
                 self.topics.pop(topic, None)
@@ -525,7 +538,7 @@ class Session:
             return
         if f.since is None:
             self.reply_ok(f.id, seq=seq)
-            self._go_live(topic, rec, 0)
+            self._go_live(topic, rec, seq)  # what comes after the `seq` of the ok
             return
         since = f.since
         if entries:
@@ -536,21 +549,33 @@ class Session:
             first = seq + 1
         recovered = seq <= since or first <= since + 1
         self.reply_ok(f.id, seq=seq, recovered=recovered)
-        last = since
+        # One ordered stream (§6): history below the topic's cursor (a hole there is for
+        # good: the cursor hands out nothing it skipped) merged with what the cursor
+        # handed out since `rec` was set; what history holds at or past the cursor comes
+        # through the cursor, in order, with whatever is still being stored elsewhere.
+        cursor = hub.topic_cursor(topic)
         me = self.node_id
-        conn = self.conn
-        sent = 0
+        merged: dict[int, bytes] = {}
         for e in entries:
-            last = e.seq
-            if e.sender != me:  # §6: a publisher never receives its own publication
-                if not conn.has_room() and not await conn.wait_room():
-                    return
-                if self.topics.get(topic) is not rec:
-                    return  # unsubscribed meanwhile (cannot be: control runs in order)
-                self.push(encode_topic_msg(e.mid, e.sender, topic, e.seq, e.body, e.ts))
-                sent += 1
-        hub.metrics.frames_out["msg"] += sent
-        self._go_live(topic, rec, last)
+            if e.seq < cursor and e.sender != me:  # §6: never one's own publication
+                merged[e.seq] = encode_topic_msg(e.mid, e.sender, topic, e.seq, e.body, e.ts)
+        live = rec.items
+        rec.items = [(s, fr) for s, fr in live if s >= cursor]
+        rec.nbytes = sum(len(fr) for _, fr in rec.items)
+        for s, fr in live:
+            if since < s < cursor:
+                merged[s] = fr
+        last = since
+        conn = self.conn
+        for s in sorted(merged):
+            if not conn.has_room() and not await conn.wait_room():
+                return
+            if self.topics.get(topic) is not rec:
+                return  # unsubscribed meanwhile (cannot be: control runs in order)
+            self.push(merged[s])
+            last = s
+        hub.metrics.frames_out["msg"] += len(merged)
+        self._go_live(topic, rec, max(last, cursor - 1))
 
     def _go_live(self, topic: str, rec: _Recovery, last: int) -> None:
         for seq, frame in rec.items:
