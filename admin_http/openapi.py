@@ -59,6 +59,10 @@ class Route:
     responses: Mapping[int, Resp] = field(default_factory=dict)
     auth: bool = True
     tag: str = "admin"
+    # The admin token scope the route needs (admin_http/tokens.py: read < write <
+    # admin), and what a call costs against admin.requests_per_s (admin_http/guard.py).
+    scope: str = "read"
+    cost: int = 1
 
 
 # -- validation: the JSON Schema subset the request schemas use ------------------------
@@ -202,10 +206,19 @@ def _operation(r: Route, components: Mapping[str, Any]) -> dict[str, Any]:
             JSON: {"schema": {"$ref": f"#/components/schemas/{r.body}"}}}}
     if not r.auth:
         op["security"] = []
+    else:
+        # OpenAPI 3.1 §4.8.30: for a scheme that is not OAuth2 the array lists the roles
+        # the operation needs; x-openred-scope says the same for tools that ignore it.
+        op["security"] = [{"bearer": [r.scope]}]
+        op["x-openred-scope"] = r.scope
+    if r.path.startswith("/v1/"):
+        op["x-openred-cost"] = r.cost
     responses: dict[str, Any] = {}
     for status, resp in sorted(r.responses.items()):
         out: dict[str, Any] = {"description": resp.description}
-        if resp.content_type == PROBLEM_CONTENT_TYPE:
+        if status == 204:
+            pass  # no content
+        elif resp.content_type == PROBLEM_CONTENT_TYPE:
             out["content"] = _problem_ref()
         elif resp.schema is not None:
             assert resp.schema in components, resp.schema
@@ -235,10 +248,15 @@ def build_document(routes: tuple[Route, ...], components: Mapping[str, Any], *,
         "paths": paths,
         "components": {
             "schemas": dict(components),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "one of admin.tokens"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "one of admin.tokens. Its scope (read < write < admin; each "
+                               "includes those before it) must be at least the one an "
+                               "operation's security requirement and x-openred-scope "
+                               "name, else 403."}},
         },
         "security": [{"bearer": []}],
         "tags": [{"name": "admin", "description": "operator routes (bearer token)"},
-                 {"name": "probes", "description": "health, readiness, metrics (no token)"}],
+                 {"name": "probes", "description": "health, readiness, metrics (no token)"},
+                 {"name": "docs", "description": "this document (no token)"}],
     }

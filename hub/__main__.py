@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = _load(args)
+        if cmd in ("check-config", "serve", "token"):
+            # Every file the configuration names is loaded before anything listens.
+            from hub.preflight import check_files
+
+            check_files(cfg)
     except ConfigError as exc:
         return _fail(str(exc))
     if cmd == "check-config":

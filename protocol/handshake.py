@@ -8,7 +8,7 @@ answers a challenge and reads the welcome. Both are sans-I/O: bytes and frames o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.errors import (
@@ -38,6 +38,9 @@ class Authenticated:
     batch: bool
     meta: dict[str, Any] | None
     method: str  # "key" | "token"
+    # Token auth: the token's jti and iat, for the hub's revocation check; not identity.
+    jti: str | None = field(default=None, compare=False)
+    iat: float | None = field(default=None, compare=False)
 
 
 def _refuse(reason: str) -> HandshakeError:
@@ -81,7 +84,7 @@ class ServerHandshake:
             except TokenError as exc:
                 raise _refuse(exc.reason) from None
             return Authenticated(claims.sub, None, claims.topics, hello.batch, hello.meta,
-                                 "token")
+                                 "token", claims.jti, claims.iat)
         raise _refuse("no key or token")
 
 

@@ -3,8 +3,11 @@
 This module owns which JWTs the hub accepts: the algorithms (only those configured and
 backed by a key; never ``none``), the claims (``sub`` a node id, ``exp`` required,
 ``nbf`` honoured, ``aud`` when configured, the optional ``topics`` claim) and the leeway
-(``auth.clock_skew_s``). Every refusal is one ``TokenError`` whose ``reason`` is a short
-label from ``TOKEN_ERROR_REASONS``, fit for a metrics label; no message echoes a token.
+(``auth.clock_skew_s``). ``jti`` and ``iat`` are read (never refused) for revocation,
+which the hub checks (hub/revocations.py); tokens issued here always carry both, ``iat``
+to the millisecond, so that "every token of a node issued before now" is exact. Every
+refusal is one ``TokenError`` whose ``reason`` is a short label from
+``TOKEN_ERROR_REASONS``, fit for a metrics label; no message echoes a token.
 
 Sans-I/O: pure functions of the token, the keys and the clock value passed in.
 """
@@ -13,9 +16,10 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import jwt
@@ -64,6 +68,7 @@ TOKEN_ERROR_REASONS: Final = frozenset(
         "bad_audience",
         "bad_sub",
         "bad_topics",
+        "revoked",  # the hub's revocation list (hub/revocations.py), not a token check
     }
 )
 
@@ -85,11 +90,15 @@ class TokenClaims:
     """What the hub keeps from a verified token.
 
     ``topics`` None means no restriction; an empty tuple allows no topic at all.
+    ``jti`` (a str, else None) and ``iat`` (seconds, possibly fractional, else None) only
+    serve revocation; they take no part in equality.
     """
 
     sub: str
     exp: int
     topics: tuple[str, ...] | None
+    jti: str | None = field(default=None, compare=False)
+    iat: float | None = field(default=None, compare=False)
 
 
 def is_topic_pattern(s: object) -> bool:
@@ -297,7 +306,15 @@ class TokenVerifier:
                 raise TokenError("bad_topics")
             topics = tuple(raw)
 
-        return TokenClaims(sub=sub, exp=math.floor(exp), topics=topics)
+        # Revocation metadata: read leniently (a token from another issuer may use
+        # another form); absent or odd values are None (docs/protocol.md §2.4).
+        jti = payload.get("jti")
+        iat = payload.get("iat")
+        if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
+            iat = None
+        return TokenClaims(sub=sub, exp=math.floor(exp), topics=topics,
+                           jti=jti if isinstance(jti, str) and jti else None,
+                           iat=None if iat is None else float(iat))
 
 
 class TokenIssuer:
@@ -345,7 +362,9 @@ class TokenIssuer:
         now: float | None = None,
         audience: str | None = None,
     ) -> tuple[str, int]:
-        """Return ``(token, exp)`` for node ``sub``, valid for ``ttl_s`` seconds."""
+        """Return ``(token, exp)`` for node ``sub``, valid for ``ttl_s`` seconds. The token
+        carries a fresh random ``jti`` and ``iat`` to the millisecond (an integer when
+        the millisecond part is 0)."""
         if not is_node_id(sub):
             raise ValueError("sub must be a node id")
         if (
@@ -361,9 +380,11 @@ class TokenIssuer:
             if not all(is_topic_pattern(p) for p in topics):
                 raise ValueError("topics must be topic names, optionally ending in '*'")
         t = time.time() if now is None else now
-        iat = math.floor(t)
+        iat_ms = math.floor(t * 1000)
+        iat: int | float = iat_ms // 1000 if iat_ms % 1000 == 0 else iat_ms / 1000
         exp = math.floor(t + ttl_s)
-        payload: dict[str, Any] = {"sub": sub, "iat": iat, "exp": exp}
+        payload: dict[str, Any] = {"sub": sub, "iat": iat, "exp": exp,
+                                   "jti": secrets.token_urlsafe(16)}
         if audience is not None:
             payload["aud"] = audience
         if topics is not None:

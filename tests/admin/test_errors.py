@@ -143,7 +143,7 @@ async def test_huge_bodies_413(api: Api, path: str) -> None:
 @pytest.mark.parametrize(("method", "path", "allow"), [
     ("POST", "/v1/stats", "GET"),
     ("DELETE", "/v1/nodes", "GET"),
-    ("PATCH", "/v1/nodes/n1", "GET,PUT"),
+    ("PATCH", "/v1/nodes/n1", "DELETE,GET,PUT"),
     ("GET", "/v1/nodes/n1/ban", "DELETE,POST"),
     ("GET", "/v1/nodes/n1/kick", "POST"),
     ("PUT", "/v1/messages", "POST"),
