@@ -1,5 +1,21 @@
 """Structured logging set-up: one JSON object per line (or plain text), with an `event`
-name and fields passed through `extra`. Secrets are never passed to a logger."""
+name and fields passed through `extra`. Secrets are never passed to a logger.
+
+`log.format = "ecs"` writes the same lines in Elastic Common Schema fields, so Filebeat,
+Vector or Elastic Agent ship them to Elasticsearch without a mapping of their own
+(deploy/logging/): `@timestamp`, `log.level`, `log.logger`, `message`, `ecs.version`,
+`event.action` (our event name), `event.dataset`, `event.kind` / `category` / `type` /
+`outcome` for the events an operator searches (node connect, disconnect, failed
+authentication, admin calls), `event.duration` (ns), `event.reason`, `client.ip`,
+`http.*` for admin calls, `error.*` for exceptions, `service.name`; every other field of
+the hub's own goes under `openred.` (`openred.node`, `openred.session`,
+`openred.close_code`, ...), so nothing collides with an ECS field of another type.
+
+Why not the `ecs-logging` package: its formatter puts every `extra` field at the root of
+the document, where ours collide with ECS (`event` is an object in ECS, a string here:
+Elasticsearch would reject the line); renaming them is most of what a formatter does,
+so the few ECS fields are written here instead.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +23,9 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
-__all__ = ["setup_logging"]
+__all__ = ["EcsFormatter", "setup_logging"]
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -41,9 +58,96 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+ECS_VERSION = "8.11.0"
+# Our fields that are ECS fields, wherever they appear.
+_ECS_NAMES = {
+    "event": "event.action",
+    "ip": "client.ip",
+    "reason": "event.reason",
+    "error": "error.message",
+    "instance": "service.node.name",
+}
+# Admin HTTP events (their `event` starts with "admin"): the request's fields.
+_ECS_HTTP = {
+    "method": "http.request.method",
+    "status": "http.response.status_code",
+    "request_id": "http.request.id",
+}
+# event name -> (category, type, outcome): what an operator filters on.
+_ECS_EVENTS: dict[str, tuple[list[str], list[str], str | None]] = {
+    "node_connected": (["session"], ["start"], "success"),
+    "node_disconnected": (["session"], ["end"], None),
+    "auth_failed": (["authentication"], ["start"], "failure"),
+    "admin_call": (["web"], ["access"], None),
+    "admin_auth_failed": (["authentication", "web"], ["access", "denied"], "failure"),
+    "breaker_open": (["database"], ["change"], None),
+    "breaker_closed": (["database"], ["change"], None),
+}
+
+
+def _put(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        inner = doc.get(name)
+        if not isinstance(inner, dict):
+            inner = doc[name] = {}
+        doc = inner
+    doc[leaf] = value
+
+
+class EcsFormatter(logging.Formatter):
+    """One JSON object per line in Elastic Common Schema fields (module docstring)."""
+
+    def __init__(self, service: str = "openred-hub") -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+              + f".{int(record.msecs):03d}Z")
+        doc: dict[str, Any] = {"@timestamp": ts, "log": {"level": record.levelname.lower(),
+                                                         "logger": record.name},
+                               "message": record.getMessage(), "ecs": {"version": ECS_VERSION},
+                               "service": {"name": self.service},
+                               "event": {"dataset": "openred.hub", "kind": "event"}}
+        extra = {k: v for k, v in record.__dict__.items() if k not in _STD}
+        action = extra.get("event")
+        http = isinstance(action, str) and action.startswith("admin")
+        for key, value in extra.items():
+            if value is None:
+                continue
+            name = _ECS_NAMES.get(key) or (_ECS_HTTP.get(key) if http else None)
+            if name is not None:
+                _put(doc, name, value if name != "event.action" else str(value))
+            elif key == "duration_ms" and isinstance(value, int | float):
+                _put(doc, "event.duration", int(value * 1_000_000))  # ECS: nanoseconds
+            else:
+                _put(doc, f"openred.{key}", value)
+        if isinstance(action, str) and action in _ECS_EVENTS:
+            category, kind, outcome = _ECS_EVENTS[action]
+            doc["event"]["category"], doc["event"]["type"] = category, kind
+            if outcome is not None:
+                doc["event"]["outcome"] = outcome
+        if http and isinstance(extra.get("status"), int):
+            doc["event"].setdefault("outcome", "success" if extra["status"] < 400 else "failure")
+        if record.exc_info and record.exc_info[0] is not None:
+            exc_type, exc, _ = record.exc_info
+            _put(doc, "error.type", exc_type.__name__)
+            _put(doc, "error.message", str(exc) or exc_type.__name__)
+            _put(doc, "error.stack_trace", self.formatException(record.exc_info))
+        return json.dumps(doc, default=str)
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter: logging.Formatter
+    if fmt == "json":
+        formatter = JsonFormatter()
+    elif fmt == "ecs":
+        formatter = EcsFormatter()
+    else:
+        formatter = TextFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -41,7 +41,16 @@ for _name, (_type, _labels) in EXPECTED.items():
         SAMPLES[_name + "_sum"] = _labels
     else:
         SAMPLES[_name] = _labels
-LABEL_VALUES = {"route": {"local", "remote", "queued", "dropped"}}
+# Label values the rules may select, per metric (a regex matcher's alternatives each).
+LABEL_VALUES = {
+    "openred_hub_messages_routed_total": {"route": {"local", "remote", "queued", "dropped"}},
+    "openred_hub_backend_up": {"backend": {"store", "broker"}},
+    "openred_hub_breaker_state": {"backend": {"store", "broker"},
+                                  "state": {"closed", "open", "half_open"}},
+    "openred_hub_error_frames_total": {"code": {"unavailable", "internal"}},
+}
+# Recorded series (rules.yml `record:`) may be read by later rules, with these labels.
+RECORDED_LABELS = {"job", "instance", "route"}
 
 
 def load(path: Path) -> list[Any]:
@@ -91,27 +100,55 @@ def test_every_deploy_file_expected() -> None:
 def test_alert_rules_use_exported_metrics_only() -> None:
     (doc,) = load(DEPLOY / "prometheus/rules.yml")
     rules = [r for g in doc["groups"] for r in g["rules"]]
-    assert len({r["alert"] for r in rules}) == len(rules)
+    alerts = [r for r in rules if "alert" in r]
+    assert len({r["alert"] for r in alerts}) == len(alerts)
+    known = dict(SAMPLES)
     used = set()
     for rule in rules:
-        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
-        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
-        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        what = rule.get("alert") or rule["record"]
+        if "alert" in rule:
+            assert rule["labels"]["severity"] in {"warning", "critical"}, what
+            assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), what
+        else:  # level:metric:operations, recorded before any rule reads it
+            assert re.fullmatch(r"openred_hub:[a-z0-9_]+(:[a-z0-9_]+)?", what), what
         selectors = metric_selectors(rule["expr"])
-        assert selectors, rule["alert"]
+        assert selectors, what
         for name, matchers in selectors:
-            assert name in SAMPLES, f"{rule['alert']}: {name} is not exported by the hub"
-            extra = set(matchers) - SAMPLES[name] - SCRAPE_LABELS
-            assert not extra, f"{rule['alert']}: {name} has no label {extra}"
+            assert name in known, f"{what}: {name} is not exported by the hub"
+            extra = set(matchers) - known[name] - SCRAPE_LABELS
+            assert not extra, f"{what}: {name} has no label {extra}"
             for label, value in matchers.items():
-                if label in LABEL_VALUES:
-                    assert value in LABEL_VALUES[label], (rule["alert"], label, value)
+                allowed = LABEL_VALUES.get(name, {}).get(label)
+                if allowed is not None:
+                    assert set(value.split("|")) <= allowed, (what, label, value)
             used.add(name)
+        if "record" in rule:
+            known[rule["record"]] = RECORDED_LABELS
     # What the alerts must watch.
     assert used >= {"up", "openred_hub_auth_failures_total",
                     "openred_hub_slow_consumer_disconnects_total",
                     "openred_hub_route_seconds_bucket", "openred_hub_store_write_seconds_bucket",
-                    "openred_hub_messages_routed_total"}, used
+                    "openred_hub_messages_routed_total",
+                    # issue 12: SLOs, backends, backlog, loop lag
+                    "openred_hub_error_frames_total", "openred_hub_frames_in_total",
+                    "openred_hub_backend_up", "openred_hub_breaker_state",
+                    "openred_hub_breaker_opened_total", "openred_hub_qos1_pending",
+                    "openred_hub_event_loop_lag_seconds_bucket",
+                    "openred_hub_admin_request_seconds_bucket",
+                    "openred_hub:frame_errors:ratio_rate1h", "openred_hub:available"}, used
+
+
+def test_dashboard_reads_recorded_series_that_rules_yml_records() -> None:
+    """The SLO panels read recording rules (openred_hub:*): each one rules.yml records
+    (tests/admin/test_deploy.py checks the exported metrics)."""
+    dashboard = json.loads((DEPLOY / "grafana/openred-hub.json").read_text())
+    (doc,) = load(DEPLOY / "prometheus/rules.yml")
+    recorded = {r["record"] for g in doc["groups"] for r in g["rules"] if "record" in r}
+    read = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
+            for name, _ in metric_selectors(target["expr"].replace("$__rate_interval", "5m"))
+            if name.startswith("openred_hub:")}
+    assert read and read <= recorded, read - recorded
 
 
 def test_prometheus_scrapes_the_hubs_and_loads_the_rules() -> None:

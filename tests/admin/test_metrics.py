@@ -26,6 +26,19 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     P + "rate_limited": ("counter", set()),
     P + "slow_consumer_disconnects": ("counter", set()),
     P + "auth_failures": ("counter", {"reason"}),
+    # issue 12: failures, health, SLO inputs (hub/metrics.py)
+    P + "store_operations": ("counter", {"op", "outcome"}),
+    P + "broker_operations": ("counter", {"op", "outcome"}),
+    P + "breaker_state": ("gauge", {"backend", "state"}),
+    P + "breaker_opened": ("counter", {"backend"}),
+    P + "backend_up": ("gauge", {"backend"}),
+    P + "error_frames": ("counter", {"code"}),
+    P + "admin_requests": ("counter", {"route", "method", "status"}),
+    P + "admin_request_seconds": ("histogram", {"route", "method"}),
+    P + "qos1_pending": ("gauge", set()),
+    P + "store_pool_in_use": ("gauge", set()),
+    P + "store_pool_size": ("gauge", set()),
+    P + "event_loop_lag_seconds": ("histogram", set()),
 }
 
 
@@ -46,6 +59,7 @@ async def test_every_listed_metric_with_its_type(api: Api) -> None:
     bad = await RawNode.open(hub, Identity.generate())
     await bad.send({"t": "hello", "v": 1, "key": b"k" * 32, "sig": b"s" * 64})
     await bad.closed()
+    assert (await api.get("/healthz", token=None)).status == 200
 
     families = await scrape(api)
     for name, (mtype, labels) in EXPECTED.items():
@@ -61,6 +75,15 @@ async def test_every_listed_metric_with_its_type(api: Api) -> None:
     assert {s.labels["route"] for s in families[P + "messages_routed"].samples} >= {"local"}
     assert any(s.name.endswith("_count") and s.value > 0
                for s in families[P + "store_write_seconds"].samples)
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for fam in families.values() for s in fam.samples}
+    assert values[(P + "store_operations_total", (("op", "enqueue"), ("outcome", "ok")))] >= 1
+    assert values[(P + "breaker_state", (("backend", "store"), ("state", "closed")))] == 1
+    assert values[(P + "backend_up", (("backend", "store"),))] == 1
+    assert values[(P + "qos1_pending", ())] >= 0
+    assert values[(P + "store_pool_size", ())] >= 1
+    assert values[(P + "admin_requests_total",
+                   (("method", "GET"), ("route", "/healthz"), ("status", "200")))] == 1
     # send_queue_frames is sampled (one flush in 32) and route_seconds per sampled
     # message: present with their type, not necessarily observed yet.
     # Labelled sparingly: no node id ever appears as a label value.
