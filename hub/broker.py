@@ -15,6 +15,11 @@ Contract every implementation keeps (checked by one conformance suite):
 - `publish_to_topic` reaches every other instance that declared `interest` in the topic.
 - `claim(node)` makes this instance the holder of the node's one session; the previous
   holder on another instance gets `on_control(node, "replace", session)`.
+- `reassert([(node, session)])` claims again sessions whose claim the backend could not
+  take (or may have lost): each one becomes the node's owner unless a newer session
+  (by claim time: a session id starts with its creation time) owns it, and then the
+  previous holder gets `replace` as above. It answers each node's owner after the call
+  (None where the backend did not answer), so the caller closes a session that lost.
 - `control(node, command)` reaches the instance holding the node (kick, ban).
 - A broker that cannot reach its backend raises `BrokerUnavailable`; local delivery
   never depends on it. When the backend is reachable again, the broker calls its
@@ -65,6 +70,11 @@ class Broker(Protocol):
         """The topic's current sequence (0 before the first publish)."""
 
     async def claim(self, node_id: str, session_id: str) -> None: ...
+
+    async def reassert(self, claims: list[tuple[str, str]]) -> list[str | None]:
+        """Claim (node, session) pairs again unless a newer session owns the node; the
+        owner of each afterwards, None where unknown. Raises BrokerUnavailable when the
+        backend is known to be down."""
 
     async def release(self, node_id: str, session_id: str) -> None: ...
 
@@ -176,6 +186,9 @@ class MemoryBroker:
 
     async def claim(self, node_id: str, session_id: str) -> None:
         pass
+
+    async def reassert(self, claims: list[tuple[str, str]]) -> list[str | None]:
+        return [session_id for _, session_id in claims]
 
     async def release(self, node_id: str, session_id: str) -> None:
         pass

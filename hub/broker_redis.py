@@ -41,7 +41,10 @@ subscriber in the order they reach Redis, which may differ from their `seq` orde
 
 Failures: while Redis is unreachable every call raises `BrokerUnavailable` at once
 (nothing waits on connect timeouts); routing resumes as soon as the connections are back
-(nodes that claimed while Redis was down included).
+(nodes that claimed while Redis was down included). Their claims, and every claim of an
+instance whose Redis came back, are then made again through `reassert` (hub/claims.py):
+an owner record changes only to a newer session (`_REASSERT`), so of two sessions of
+one node left by a partition the newer stays, whichever instance asks first.
 
 The connections themselves, their reconnection, and which shard (the whole Redis, or a
 master of a Redis Cluster, `?cluster=true`) owns which channel or key are
@@ -88,6 +91,23 @@ if v <= floor then
   redis.call('SET', KEYS[1], v)
 end
 return v
+"""
+
+
+# A claim re-asserted after an outage (or a failed claim): the owner becomes ARGV[1]
+# unless a newer session owns the node. Session ids are mids: their first 10 characters
+# are the creation time (ms, Crockford base32, which sorts as the bytes do), so the
+# greater id is the newer claim. Answers {owner, 1 if it changed}.
+_REASSERT = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur >= ARGV[1] then
+  if cur == ARGV[1] then
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+  end
+  return {cur, 0}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {ARGV[1], 1}
 """
 
 
@@ -283,6 +303,33 @@ class RedisBroker:
             await self.shards.hold(ch)
             raise BrokerUnavailable(str(exc)) from None
         await self.shards.hold(ch, wait=True)
+
+    async def reassert(self, claims: list[tuple[str, str]]) -> list[str | None]:
+        """Claim again sessions whose claim Redis could not take, or may have lost (a
+        restarted Redis): each becomes its node's owner unless a newer session owns it
+        (the `_REASSERT` script, atomic), and a session that took the node over tells
+        the previous holder to replace (§2) as `claim` does. The owner of each node
+        afterwards; None where Redis did not answer."""
+        self._check_up()
+        keys = [f"{self.prefix}owner:{node_id}" for node_id, _ in claims]
+        replies = await self.shards.per_shard(keys, lambda _shard, idx: b"".join([
+            command("EVAL", _REASSERT, 1, keys[i], claims[i][1], OWNER_TTL_S) for i in idx]))
+        owners: list[str | None] = []
+        for (node_id, session_id), reply in zip(claims, replies, strict=True):
+            if not isinstance(reply, list) or len(reply) != 2:
+                owners.append(None)  # not answered, or an error reply
+                continue
+            owner = reply[0].decode() if isinstance(reply[0], bytes) else None
+            if owner == session_id:
+                ch = self._node_channel(node_id)
+                await self.shards.hold(ch)  # held already, unless it was let go meanwhile
+                if reply[1] == 1:
+                    try:  # after the owner record, as in `claim`
+                        self._queue(ch, [_CONTROL, "replace", session_id], False)
+                    except BrokerUnavailable:
+                        owner = None  # not told: asserted again later
+            owners.append(owner)
+        return owners
 
     async def release(self, node_id: str, session_id: str) -> None:
         handler = self._handler

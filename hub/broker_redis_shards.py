@@ -8,9 +8,12 @@ shard owning their key (`per_shard`); redis-py for what is off the message path
 (presence counts, ping, the slot map). The broker decides what is published and what
 messages mean; it hears back through `on_message` and `on_state` (all shards up or not).
 
-Failures: a lost shard reconnects with backoff (at most 1 s apart) and subscribes again
-to every channel it holds, those subscribed meanwhile included; a pub/sub connection
-silent for 3 heartbeats (half-open TCP) is dropped and reconnected the same way.
+Failures: a shard is up only once both its new connections answered PING (a TCP connect
+alone is not Redis). A lost shard reconnects with jittered backoff that doubles from
+0.1 s while connections keep failing, up to 2 s apart, and starts over only after a
+connection that lasted 10 s; it then subscribes again to every channel it holds, those
+subscribed meanwhile included. A pub/sub connection silent for 3 heartbeats (half-open
+TCP) is dropped and reconnected the same way.
 
 Redis Cluster (`?cluster=true`, any node as the seed): sharded pub/sub (SSUBSCRIBE /
 SPUBLISH: a message travels only to the shard owning its channel), keys without hash
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -53,7 +57,22 @@ MOVE_FOLLOW_TRIES = 10  # slot map reads (0.05 s apart, doubling to 1 s) after a
 HEARTBEAT_S = 5.0  # a silent pub/sub connection is PINGed, and dropped after 3x this
 PUBLISH_TIMEOUT_S = 5.0  # a pipeline not answered by then: the connection is dropped
 REDIS_DOWN = (RedisError, RedisClusterException, OSError)  # what "Redis is down" raises
+RECONNECT_MIN_S = 0.1  # first wait before a lost shard is connected again, doubling ...
+RECONNECT_MAX_S = 2.0  # ... up to this (each wait jittered down to half)
+STABLE_S = 10.0  # a connection up this long starts the backoff over
+HEALTH_TIMEOUT_S = 2.0  # how long a new connection has to answer PING
 _PING = command("PING")
+
+
+async def _health_check(conn: RespConnection) -> None:
+    """PING on a connection just opened (nothing subscribed yet, so the answer is a
+    reply, not a push). Raises ConnectionError unless Redis answers PONG in time: an
+    error reply (LOADING, NOAUTH, MASTERDOWN) is not a Redis to route through."""
+    async with asyncio.timeout(HEALTH_TIMEOUT_S):
+        (reply,) = await conn.send(_PING, 1)
+    if reply != b"PONG":
+        conn.close()
+        raise ConnectionError(f"redis did not answer PING: {reply}")
 
 
 def _node_url(url: str, host: str, port: int) -> str:
@@ -169,21 +188,31 @@ class Shard:
 
     async def _run(self) -> None:
         shards = self.shards
-        delay = 0.1
+        loop = asyncio.get_running_loop()
+        delay = RECONNECT_MIN_S
         while not shards.closing:
+            up_at: float | None = None
             try:
                 pool = self.client.connection_pool
                 sub = await open_resp(pool, self._on_push)
+                pub: RespConnection | None = None
                 try:
                     pub = await open_resp(pool)
+                    # Up once Redis answers on both new connections, not on a TCP
+                    # connect: an endpoint that accepts and then resets (a proxy in front
+                    # of a dead Redis, a Redis still loading) never counts as back.
+                    await _health_check(sub)
+                    await _health_check(pub)
                 except BaseException:
                     sub.close()
+                    if pub is not None:
+                        pub.close()
                     raise
                 self.sub, self.pub = sub, pub
                 self._subscribe_all(sub)
                 self._set_up(True)
                 self.tried.set()
-                delay = 0.1
+                up_at = loop.time()
                 await self._watch(sub, pub)
                 error = "connection lost"
             except asyncio.CancelledError:
@@ -199,9 +228,18 @@ class Shard:
             if self.up:
                 log.warning("redis connection lost", extra={
                     "event": "broker_down", "shard": self.name, "error": error})
+            else:
+                log.debug("redis connection failed", extra={
+                    "event": "broker_connect_failed", "shard": self.name, "error": error})
             self._set_up(False)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            # The backoff grows while connections keep failing, and starts over only
+            # after a connection that lasted: a Redis that answers and then drops every
+            # connection is retried at most every RECONNECT_MAX_S, not ten times a
+            # second (each "up" makes the hub read every session's queue again).
+            if up_at is not None and loop.time() - up_at >= STABLE_S:
+                delay = RECONNECT_MIN_S
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))  # jittered
+            delay = min(delay * 2, RECONNECT_MAX_S)
             if self.sharded:  # not awaited: it may retire this very shard
                 shards.spawn(shards.refresh_topology())
 

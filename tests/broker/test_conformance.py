@@ -176,6 +176,34 @@ async def test_claim_elsewhere_replaces_the_holder(brokers: Brokers) -> None:
     assert ra.node_frames == []
 
 
+async def test_reassert_keeps_the_newer_session(brokers: Brokers) -> None:
+    """§2 after a partition: a claim asserted again takes the node only from an older
+    session (claim time orders session ids: "s2" > "s1"); the previous holder then hears
+    `replace`, and the answer names the owner either way. An owner already in place is
+    not announced again."""
+    a, ra = await brokers.make()
+    b, rb = await brokers.make()
+    await a.claim("n1", "s2")
+    ra.local["n1"] = object()
+    if not brokers.clustered:
+        assert await b.reassert([("n1", "s1")]) == ["s1"]  # nobody else to ask
+        return
+    assert await b.reassert([("n1", "s1")]) == ["s2"]  # older: it lost, nobody told
+    await quiet()
+    assert ra.controls == []
+    assert await b.reassert([("n1", "s3"), ("n2", "s1")]) == ["s3", "s1"]
+    rb.local["n1"] = rb.local["n2"] = object()
+    await until(lambda: ("n1", "replace", "s3") in ra.controls, what="replace at A")
+    assert await b.reassert([("n1", "s3")]) == ["s3"]
+    assert await a.reassert([("n2", "s0")]) == ["s1"]
+    await quiet()
+    assert ra.controls == [("n1", "replace", "s3")] and rb.controls == []
+    ra.local.pop("n1")
+    await a.release("n1", "s2")
+    assert await a.publish_to_node("n1", b"x", 0, "m") is True
+    await until(lambda: len(rb.node_frames) == 1, what="frame at the new holder")
+
+
 async def test_control_reaches_the_holder(brokers: Brokers) -> None:
     a, ra = await brokers.make()
     b, rb = await brokers.make()
@@ -252,7 +280,8 @@ async def test_unreachable_backend_is_unavailable_fast(brokers: Brokers) -> None
     t0 = time.monotonic()
     a, _ = await brokers.make(url=url)
     calls = [a.ping(), a.next_seq("t"), a.last_seq("t"), a.publish_to_node("n", b"", 0, "m"),
-             a.presence(["n"]), a.claim("n", "s"), a.control("n", "kick")]
+             a.presence(["n"]), a.claim("n", "s"), a.reassert([("n", "s")]),
+             a.control("n", "kick")]
     for call in calls:
         with pytest.raises(BrokerUnavailable):
             await call

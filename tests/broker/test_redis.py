@@ -107,6 +107,61 @@ async def test_redis_restart(redis_server: RedisServer) -> None:
         assert time.monotonic() - t0 < timeout(3.0)
 
 
+class UpCounter(Recorder):
+    """A handler that counts the broker's down-to-up transitions."""
+
+    ups = 0
+
+    def on_broker_up(self) -> None:
+        self.ups += 1
+
+
+async def test_up_only_after_ping_and_backoff_grows(redis_server: RedisServer) -> None:
+    """A shard is up once Redis answers PING on its new connections, not on a TCP
+    connect: an endpoint that accepts and resets, or accepts and says nothing, is never
+    "back". While connections keep failing the reconnect wait grows (capped at 2 s, not
+    reset by each connect): a few connections in 6 s, not dozens. Once Redis answers
+    again the broker is up within the cap, and says so once."""
+    from tests.cluster.proxy import LinkProxy
+
+    proxy = LinkProxy("127.0.0.1", redis_server.port)
+    await proxy.start()
+    b = RedisBroker(proxy.url(), hub_id=f"hp{secrets.token_hex(4)}")
+    rec = UpCounter("b")
+    await b.start("b", rec)
+    try:
+        assert b.up and rec.ups == 1
+        ups: list[bool] = []
+        proxy.set_mode("reset")
+        await until(lambda: not b.up, what="down")
+        before = proxy.accepted
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 6.0:
+            ups.append(b.up)
+            await asyncio.sleep(0.01)
+        attempts = proxy.accepted - before
+        print(f"\nreset endpoint: {attempts} connections in 6 s, up {sum(ups)} times")
+        assert not any(ups) and rec.ups == 1
+        # Two connections per attempt; waits of 0.05..2 s growing: at most ~12 attempts.
+        assert attempts <= 24, attempts
+
+        proxy.set_mode("blackhole")  # accepts, never answers
+        await asyncio.sleep(4.0)
+        assert not b.up and rec.ups == 1
+
+        proxy.set_mode("forward")
+        t0 = time.monotonic()
+        await until(lambda: b.up, wait=6.0, what="up again")
+        print(f"up {time.monotonic() - t0:.2f} s after redis answered again")
+        assert time.monotonic() - t0 < timeout(4.5)  # a 2 s wait + a PING timeout
+        assert rec.ups == 2
+        await b.claim("n1", "s1")
+        assert (await b.presence(["n1"]))["n1"] is True  # routing works again
+    finally:
+        await b.close()
+        await proxy.close()
+
+
 async def test_close_is_prompt_while_redis_is_down(redis_server: RedisServer) -> None:
     b, _ = await started(redis_server.url, f"cd{secrets.token_hex(4)}", "b")
     await b.claim("n1", "s")
