@@ -12,6 +12,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from admin_http.hygiene import install as install_hygiene
+from admin_http.metrics import request_metrics
 from admin_http.routes import add_routes
 
 if TYPE_CHECKING:
@@ -50,6 +52,12 @@ async def readyz(request: web.Request) -> web.Response:
             failed.append(name)
     if not hub.accepting:
         failed.append("shutting_down")
+    if failed == ["broker"]:
+        # Degraded, not down: the broker is shared by every instance, so answering 503
+        # for it would take every instance out of the load balancer at once. Without it
+        # this one still serves its own nodes (direct messages, topics numbered by the
+        # store, QoS 1 stored), and catches up when it is back (docs/protocol.md §6).
+        return web.json_response({"status": "degraded", "failed": failed})
     if failed:
         return web.json_response({"status": "unavailable", "failed": failed}, status=503)
     return web.json_response({"status": "ok"})
@@ -75,5 +83,10 @@ def make_app(hub: HubNode, registry: CollectorRegistry) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    add_routes(app, hub)
+    add_routes(app, hub, registry)
+    # admin_http/hygiene.py: 413 for declared bodies over the limit (outermost), the
+    # Server, security and HSTS headers on every response.
+    install_hygiene(app, hub.cfg.admin, max_request_bytes(hub))
+    # Outermost: every request counted and timed by route template (admin_http/metrics.py).
+    app.middlewares.insert(0, request_metrics(hub.metrics))
     return app

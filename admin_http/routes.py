@@ -8,15 +8,23 @@ built from it), the request schemas (`components(cfg)`), bearer auth, request id
 
 Choices an operator can rely on (also stated in the OpenAPI document):
 
-- Auth: `Authorization: Bearer <token>`, compared in constant time with each of
-  `admin.tokens`; with none configured every `/v1/` route answers 401. Auth is checked
-  before routing, so without a token an unknown `/v1/` path is a 401 too. A token is
-  never logged nor audited: calls are attributed to its id, the first 8 hex digits of
-  its SHA-256.
-- Errors are problem+json: 400 bad parameter, cursor or JSON; 401; 404 unknown route,
-  node or mid; 405; 409 a state conflict (queue full, no signing key); 413 body too
-  large; 415 not JSON; 422 a body that breaks its schema (unknown members included,
-  named in `field`); 503 store or broker unavailable; 500 anything else.
+- Auth: `Authorization: Bearer <token>`, matched in constant time against every one of
+  `admin.tokens` (admin_http/tokens.py); with none configured every `/v1/` route but
+  `/v1/openapi.json` (open, as documentation is) answers 401. Auth is checked before
+  routing, so without a token an unknown `/v1/` path is a 401 too. Each route needs a
+  scope (`Route.scope`: read, write or admin; in the document as the security
+  requirement and `x-openred-scope`); a token below it gets 403, audited as
+  `admin_forbidden`. A token is never logged nor audited: calls are attributed to its
+  name (an old-style token's is the first 8 hex digits of its SHA-256).
+- Abuse limits (admin_http/guard.py), decided before the handler: per client IP and
+  per token, at the route's cost (`x-openred-cost`), and the lockout of an IP after
+  `admin.max_auth_failures` bad tokens: 429 with `Retry-After`. With the Redis broker
+  every instance counts together.
+- Errors are problem+json: 400 bad parameter, cursor or JSON; 401; 403 out of scope;
+  404 unknown route, node or mid; 405; 409 a state conflict (queue full, no signing
+  key); 413 body too large; 415 not JSON; 422 a body that breaks its schema (unknown
+  members included, named in `field`); 429 too many requests or locked out; 503 store
+  or broker unavailable; 500 anything else.
 - Lists are pages `{"items", "next_cursor"}`; the cursor is opaque. A filtered page
   (`?online=`) may hold fewer than `limit` items (even none) with a `next_cursor`: the
   list ends only when `next_cursor` is null.
@@ -29,8 +37,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import logging
 import math
@@ -45,11 +51,14 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from aiohttp import web
 
+from admin_http.guard import AdminGuard, client_ip
 from admin_http.openapi import Param, Resp, Route, build_document, check, parse_param
 from admin_http.problems import PROBLEM_CONTENT_TYPE, Problem, problem_response
+from admin_http.tokens import AdminToken, TokenTable, parse_token, scope_allows
 from hub.broker import BrokerUnavailable
 from hub.node import ADMIN_SENDER
 from hub.ratelimit import TokenBucket
+from hub.revocations import NEVER
 from hub.session import CLOSED
 from persistence.store import NodeRecord, QueueFull, StoreUnavailable
 from protocol import errors as E
@@ -58,6 +67,8 @@ from protocol.identity import is_node_id
 from protocol.tokens import MAX_TOKEN_CHARS, TokenIssuer
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
     from hub.config import Config
     from hub.node import HubNode
 
@@ -90,6 +101,7 @@ KIND_PATTERN = r"^[a-z_]{1,32}$"
 _RequestKey: Any = getattr(web, "RequestKey", None)
 _RID_KEY: Any = _RequestKey("openred.request_id", str) if _RequestKey else "openred.request_id"
 _TID_KEY: Any = _RequestKey("openred.token_id", str) if _RequestKey else "openred.token_id"
+_IP_KEY: Any = _RequestKey("openred.client_ip", str) if _RequestKey else "openred.client_ip"
 
 
 def _now_ms() -> int:
@@ -128,7 +140,7 @@ def components(cfg: Config) -> dict[str, Any]:
         }, description="RFC 9457 problem details"),
         "Health": _obj(["status"], {"status": {"type": "string", "enum": ["ok"]}}),
         "Readiness": _obj(["status"], {
-            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},
             "failed": {"type": "array", "items": {"type": "string"}}}),
         "Node": _obj(
             ["id", "key", "online", "instance", "meta", "banned", "first_seen", "last_seen"],
@@ -193,6 +205,32 @@ def components(cfg: Config) -> dict[str, Any]:
                        "items": {"type": "string", "pattern": TOPIC_CLAIM_PATTERN},
                        "description": "allowed topics ('a/*' for a prefix); omitted: all"}},
             additionalProperties=False),
+        "RevokeJti": _obj(["jti"], {
+            "jti": {"type": "string", "minLength": 1, "maxLength": 256,
+                    "description": "the token's jti claim"},
+            "expires": {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INT,
+                        "description": "ms since the epoch after which the revocation "
+                                       "may be forgotten (the token's exp); default a "
+                                       "year from now"}},
+            additionalProperties=False),
+        "RevokeNode": _obj(["node"], {
+            "node": node_id,
+            "before": {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INT,
+                       "description": "ms since the epoch: tokens of the node whose iat "
+                                      "is earlier are revoked (default and at most: now)"},
+            "kick": {"type": "boolean", "default": False,
+                     "description": "also close the node's session, wherever it is "
+                                    "(4012)"}},
+            additionalProperties=False),
+        "RevokeTokens": {"oneOf": [{"$ref": "#/components/schemas/RevokeJti"},
+                                   {"$ref": "#/components/schemas/RevokeNode"}]},
+        "Revocation": _obj(["kind", "subject", "issued_before", "created", "expires"], {
+            "kind": {"type": "string", "enum": ["jti", "node"]},
+            "subject": {"type": "string", "description": "the jti, or the node id"},
+            "issued_before": {**_OPT_INT, "description": "node: tokens with an earlier "
+                                                        "iat (ms) are refused"},
+            "created": {**_INT, "description": "ms since the epoch"},
+            "expires": {**_INT, "description": "ms since the epoch (2^63-1: never)"}}),
         "TokenIssued": _obj(["token", "expires"], {
             "token": {"type": "string"},
             "expires": {**_INT, "description": "ms since the epoch (the exp claim)"},
@@ -230,7 +268,7 @@ class Call:
         return str(self.request.get(_RID_KEY, ""))
 
     def audit(self, kind: str, node: str | None, **detail: Any) -> None:
-        self.hub.store.audit_nowait(kind, node, self.request.remote,
+        self.hub.store.audit_nowait(kind, node, self.request.get(_IP_KEY),
                                     {"token": self.token_id, "request_id": self.request_id,
                                      **detail}, _now_ms())
 
@@ -418,6 +456,19 @@ async def kick_node(call: Call) -> web.Response:
     return _json(view)
 
 
+async def delete_node(call: Call) -> web.Response:
+    """Forget the node (registration, meta, key; a ban stays), expire its queued QoS 1
+    messages, then close its session wherever it is (4012)."""
+    node_id = call.path["id"]
+    if not await call.hub.store.forget_node(node_id, _now_ms()):
+        raise Problem(404, "unknown node", field="id")
+    try:
+        await _close_everywhere(call, node_id, E.CLOSE_KICKED, "kick", "kicked")
+    finally:
+        call.audit("node_deleted", node_id)
+    return web.Response(status=204)
+
+
 # -- messages ------------------------------------------------------------------------------
 
 
@@ -511,6 +562,35 @@ async def issue_token(call: Call) -> web.Response:
     return _json({"token": token, "expires": exp * 1000, "algorithm": issuer.algorithm}, 201)
 
 
+async def revoke_tokens(call: Call) -> web.Response:
+    """docs/protocol.md §2.4: one token by `jti`, or every token of a node issued before
+    `before` (default now). Stored durably; every instance refuses them within a second."""
+    hub, body = call.hub, call.body
+    if ("jti" in body) == ("node" in body):
+        raise Problem(422, "give exactly one of 'jti' and 'node'",
+                      field="node" if "jti" in body else "jti")
+    schemas = call.request.app[_COMPONENTS_KEY]
+    check(body, schemas["RevokeJti" if "jti" in body else "RevokeNode"])
+    now = _now_ms()
+    revocations = hub.admission.revocations
+    if "jti" in body:
+        expires = int(body.get("expires", now + MAX_TOKEN_TTL_S * 1000))
+        row = await revocations.revoke_jti(body["jti"], expires, now)
+        call.audit("token_revoked", None, jti=body["jti"])
+    else:
+        node_id = body["node"]
+        before = int(body.get("before", now))
+        if before > now:
+            raise Problem(422, "before: must not be in the future", field="before")
+        row = await revocations.revoke_node(node_id, before, now)
+        call.audit("token_revoked", node_id, before=before)
+        if body.get("kick"):
+            await _close_everywhere(call, node_id, E.CLOSE_KICKED, "kick", "kicked")
+    return _json({"kind": row.kind, "subject": row.subject,
+                  "issued_before": row.issued_before, "created": row.created,
+                  "expires": min(row.expires, NEVER)})
+
+
 async def stats(call: Call) -> web.Response:
     hub = call.hub
     snap = hub.metrics.snapshot()
@@ -534,6 +614,10 @@ _CURSOR = Param("cursor", "query", {"type": "string", "minLength": 1, "maxLength
 _NODE = Param("id", "path", {"type": "string", "pattern": NODE_ID_PATTERN}, "node id", True)
 _UNAUTH = Resp("missing or wrong bearer token", content_type=P,
                headers={"WWW-Authenticate": f"{REALM}"})
+_FORBIDDEN = Resp("the token's scope is below the one this operation needs", content_type=P)
+_TOO_MANY = Resp("too many requests from this address or with this token, or the address "
+                 "is locked out after too many bad tokens", content_type=P,
+                 headers={"Retry-After": "seconds to wait"})
 _UNAVAILABLE = Resp("store or broker unavailable", content_type=P)
 _BAD = Resp("bad parameter or cursor", content_type=P)
 _NO_NODE = Resp("unknown node", content_type=P)
@@ -543,6 +627,8 @@ def _admin(*ok: tuple[int, Resp], bad: bool = False, body: bool = False,
            node: bool = False, **extra: Resp) -> dict[int, Resp]:
     out: dict[int, Resp] = dict(ok)
     out[401] = _UNAUTH
+    out[403] = _FORBIDDEN
+    out[429] = _TOO_MANY
     out[503] = _UNAVAILABLE
     if bad or body or node:
         out[400] = _BAD if not body else Resp("bad parameter or malformed JSON",
@@ -563,13 +649,15 @@ ROUTES: tuple[Route, ...] = (
           responses={200: Resp("the process serves", "Health")}),
     Route("GET", "/readyz", None, "readyz", "readiness: store and broker answer",
           auth=False, tag="probes",
-          responses={200: Resp("ready", "Readiness"),
+          responses={200: Resp("ready (`ok`), or `degraded` with `failed: [\"broker\"]`"
+                               " while only the broker is down", "Readiness"),
                      503: Resp("not ready; `failed` names what", "Readiness")}),
     Route("GET", "/metrics", None, "metrics", "Prometheus metrics", auth=False,
           tag="probes",
           responses={200: Resp("text exposition format", content_type="text/plain")}),
     Route("GET", "/v1/openapi.json", openapi, "getOpenapi", "this document",
-          responses=_admin((200, Resp("OpenAPI 3.1 document", None)))),
+          auth=False, tag="docs",
+          responses={200: Resp("OpenAPI 3.1 document", None), 429: _TOO_MANY}),
     Route("GET", "/v1/stats", stats, "getStats",
           "connections, frames, routed/queued/dropped counts of this instance",
           responses=_admin((200, Resp("counters", "Stats")))),
@@ -584,27 +672,43 @@ ROUTES: tuple[Route, ...] = (
           responses=_admin((200, Resp("the node", "Node")), node=True)),
     Route("PUT", "/v1/nodes/{id}", put_node, "putNode",
           "register a node (allowlist mode) or update its meta and key",
-          params=(_NODE,), body="PutNode",
+          description="Replacing `key` is how a key is rotated: the operator's PUT, not "
+                      "a proof by the node (a node authenticated by its key has the key's "
+                      "hex as its id, so a new key is a new node: register it, then "
+                      "DELETE the old one). The new key applies from the node's next "
+                      "session.",
+          params=(_NODE,), body="PutNode", scope="write", cost=5,
           responses=_admin((200, Resp("updated", "Node")),
                            (201, Resp("registered", "Node",
                                       headers={"Location": "the node's URL"})),
                            body=True)),
+    Route("DELETE", "/v1/nodes/{id}", delete_node, "deleteNode",
+          "forget a node: its registration, meta and key (a ban stays); its queued QoS 1 "
+          "messages expire; its session, wherever it is, is closed with 4012",
+          description="In allowlist mode the node can no longer authenticate; in open "
+                      "mode it may come back as a new node. Tokens it holds stay valid "
+                      "unless revoked (POST /v1/tokens/revoke).",
+          params=(_NODE,), scope="write", cost=5,
+          responses=_admin((204, Resp("forgotten", None)), node=True)),
     Route("POST", "/v1/nodes/{id}/ban", ban_node, "banNode",
           "ban a node: its session, wherever it is, is closed with 4003 and it cannot "
           "authenticate until unbanned (a node never seen is recorded as banned)",
-          params=(_NODE,), responses=_admin((200, Resp("the node", "Node")), bad=True)),
+          params=(_NODE,), scope="write", cost=5,
+          responses=_admin((200, Resp("the node", "Node")), bad=True)),
     Route("DELETE", "/v1/nodes/{id}/ban", unban_node, "unbanNode", "lift a ban",
-          params=(_NODE,), responses=_admin((200, Resp("the node", "Node")), node=True)),
+          params=(_NODE,), scope="write", cost=5,
+          responses=_admin((200, Resp("the node", "Node")), node=True)),
     Route("POST", "/v1/nodes/{id}/kick", kick_node, "kickNode",
           "close the node's session, wherever it is, with 4012 (a known node without a "
           "session: 200, nothing to close)",
-          params=(_NODE,), responses=_admin((200, Resp("the node", "Node")), node=True)),
+          params=(_NODE,), scope="write", cost=5,
+          responses=_admin((200, Resp("the node", "Node")), node=True)),
     Route("POST", "/v1/messages", send_message, "sendMessage",
           "server-side send to a node (QoS 0/1) or publish to a topic, from $admin",
           description="202 with status `sent`, `stored` or `no_route` (QoS 0 to a node "
                       "with no session: dropped, not an error). QoS 1 to a node not "
                       "registered in allowlist mode: 404. A full queue: 409.",
-          body="SendMessage",
+          body="SendMessage", scope="write", cost=5,
           responses=_admin((202, Resp("accepted", "MessageAccepted")), body=True,
                            s404=Resp("node not registered (allowlist mode)", content_type=P),
                            s409=Resp("the node's queue is full", content_type=P))),
@@ -624,11 +728,22 @@ ROUTES: tuple[Route, ...] = (
                         {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INT},
                         "only events at or after this time (ms)"),
                   _LIMIT, _CURSOR),
+          scope="admin",
           responses=_admin((200, Resp("a page of events", "AuditList")), bad=True)),
     Route("POST", "/v1/tokens", issue_token, "issueToken",
           "issue a node JWT signed with the hub's key", body="IssueToken",
+          scope="admin", cost=10,
           responses=_admin((201, Resp("the token", "TokenIssued")), body=True,
                            s409=Resp("no signing key configured", content_type=P))),
+    Route("POST", "/v1/tokens/revoke", revoke_tokens, "revokeTokens",
+          "revoke one node token (by jti) or every token of a node issued before a time",
+          description="Stored durably and checked at every token handshake: a revoked "
+                      "token gets auth_failed and close 4001 (docs/protocol.md §2.4), on "
+                      "every instance within one second. A session already open stays "
+                      "unless `kick` is true.",
+          body="RevokeTokens", scope="admin", cost=10,
+          responses=_admin((200, Resp("the revocation as stored", "Revocation")),
+                           body=True)),
 )
 
 _COMPONENTS_KEY = web.AppKey("openred.components", dict)
@@ -646,9 +761,13 @@ def openapi_document(cfg: Config) -> dict[str, Any]:
     return build_document(
         ROUTES, components(cfg), title="OpenRed hub admin API", version=v,
         description="The operator surface of an OpenRed hub instance (ARCHITECTURE.md). "
-                    "Errors are application/problem+json (RFC 9457). Every /v1/ route "
-                    "needs `Authorization: Bearer <admin token>`; any instance acts on "
-                    "the whole cluster.")
+                    "Errors are application/problem+json (RFC 9457). Every /v1/ route but "
+                    "this document needs `Authorization: Bearer <admin token>` whose "
+                    "scope is at least the operation's `x-openred-scope` (read < write < "
+                    "admin); each call costs `x-openred-cost` against admin.requests_per_s "
+                    "per client IP and per token, and an address that presents "
+                    "admin.max_auth_failures bad tokens is locked out (429, Retry-After). "
+                    "Any instance acts on the whole cluster.")
 
 
 # -- parsing a request into a Call ---------------------------------------------------------
@@ -735,30 +854,20 @@ def _handler(route: Route, schema: dict[str, Any] | None,
 # -- middleware: request id, auth, problems, log and audit ---------------------------------
 
 
-def _token_id(token: bytes) -> str:
-    return hashlib.sha256(token).hexdigest()[:8]
-
-
-def _authenticate(request: web.Request, tokens: tuple[bytes, ...]) -> tuple[str, str]:
-    """(token id, "ok"), or ("", reason) with reason missing|malformed|invalid|no_tokens."""
+def _authenticate(request: web.Request,
+                  tokens: TokenTable) -> tuple[AdminToken | None, str]:
+    """(the token, "ok"), or (None, reason) with reason missing|malformed|invalid|no_tokens."""
     header = request.headers.get("Authorization")
     if not tokens:
-        reason = "no_tokens"
-    elif header is None:
-        reason = "missing"
-    else:
-        scheme, _, cred = header.strip().partition(" ")
-        given = cred.strip().encode("utf-8", "replace")
-        if scheme.lower() != "bearer" or not given:
-            reason = "malformed"
-        else:
-            match = False
-            for t in tokens:  # every token compared: the time does not say which matched
-                match |= hmac.compare_digest(given, t)
-            if match:
-                return _token_id(given), "ok"
-            reason = "invalid"
-    return "", reason
+        return None, "no_tokens"
+    if header is None:
+        return None, "missing"
+    scheme, _, cred = header.strip().partition(" ")
+    given = cred.strip().encode("utf-8", "replace")
+    if scheme.lower() != "bearer" or not given:
+        return None, "malformed"
+    token = tokens.match(given)
+    return (token, "ok") if token is not None else (None, "invalid")
 
 
 _AUTH_DETAIL = {
@@ -802,32 +911,75 @@ def _http_problem(exc: web.HTTPException, request: web.Request) -> web.Response:
     return problem_response(exc.status, detail, headers=headers)
 
 
-def _middleware(hub: HubNode) -> Any:
-    tokens = tuple(t.encode() for t in hub.cfg.admin.tokens)
-    failed_bucket = TokenBucket(FAILED_AUTH_AUDIT_PER_S, FAILED_AUTH_AUDIT_BURST,
-                                time.monotonic())
+_LIMIT_DETAIL = {
+    "lockout": "too many bad tokens from this address: locked out",
+    "ip": "too many requests from this address",
+    "token": "too many requests with this token",
+}
+
+
+def _middleware(hub: HubNode, tokens: TokenTable, guard: AdminGuard) -> Any:
+    routes = {r.operation_id: r for r in ROUTES}
+    # Audit and log rows of refused requests are bounded (a client with many addresses
+    # could flood them); the Prometheus counters of AdminGuard count every one.
+    noisy_bucket = TokenBucket(FAILED_AUTH_AUDIT_PER_S, FAILED_AUTH_AUDIT_BURST,
+                               time.monotonic())
+
+    def audit_refusal(kind: str, ip: str, request: web.Request, **detail: Any) -> None:
+        if noisy_bucket.take(time.monotonic()):
+            detail |= {"method": request.method, "route": _route_name(request),
+                       "request_id": request[_RID_KEY]}
+            hub.store.audit_nowait(kind, None, ip, detail, _now_ms())
+            log.warning("admin request refused", extra={"event": kind, "ip": ip, **detail})
+
+    async def guard_v1(request: web.Request, ip: str) -> str | None:
+        """Auth, limits and scope of one /v1/ request; the token's name, or None for an
+        open route. Raises the Problem that refuses it."""
+        route = routes.get(request.match_info.route.name or "")
+        if route is not None and not route.auth:
+            verdict = await guard.check(ip, None, route.cost, None)
+            token, reason = None, "ok"
+        else:
+            token, reason = _authenticate(request, tokens)
+            verdict = await guard.check(ip, token.name if token else None,
+                                        route.cost if route else 1, reason)
+        if verdict.limit is not None:
+            if verdict.limit == "lockout":
+                audit_refusal("admin_lockout", ip, request, retry_after_s=verdict.retry_after_s)
+            raise Problem(429, _LIMIT_DETAIL[verdict.limit],
+                          headers={"Retry-After": str(verdict.retry_after_s)})
+        if route is not None and not route.auth:
+            return None
+        if token is None:
+            guard.auth_failures.labels(reason).inc()
+            audit_refusal("admin_auth_failed", ip, request, reason=reason)
+            raise _unauthorized(reason)
+        need = route.scope if route is not None else "read"
+        if not scope_allows(token.scope, need):
+            guard.refused.labels("scope").inc()
+            node = request.match_info.get("id")
+            hub.store.audit_nowait("admin_forbidden", node if is_node_id(node) else None, ip,
+                                   {"method": request.method, "route": _route_name(request),
+                                    "token": token.name, "scope": token.scope, "needs": need,
+                                    "request_id": request[_RID_KEY]}, _now_ms())
+            raise Problem(403, f"this token's scope ({token.scope}) does not allow this "
+                               f"operation (it needs {need})")
+        return token.name
 
     @web.middleware
     async def admin(request: web.Request, handler: Any) -> web.StreamResponse:
         rid = _request_id(request)
         request[_RID_KEY] = rid
+        ip = client_ip(hub, request.remote, request.headers.getall("X-Forwarded-For", []))
+        request[_IP_KEY] = ip
         v1 = request.path.startswith("/v1/")
         t0 = time.perf_counter()
         token_id = None
         try:
             if v1:
-                tid, reason = _authenticate(request, tokens)
-                if not tid:
-                    if failed_bucket.take(time.monotonic()):
-                        hub.store.audit_nowait("admin_auth_failed", None, request.remote,
-                                               {"reason": reason, "method": request.method,
-                                                "route": _route_name(request),
-                                                "request_id": rid}, _now_ms())
-                        log.warning("admin auth failed", extra={
-                            "event": "admin_auth_failed", "reason": reason,
-                            "ip": request.remote, "request_id": rid})
-                    raise _unauthorized(reason)
-                request[_TID_KEY] = token_id = tid
+                token_id = await guard_v1(request, ip)
+                if token_id is not None:
+                    request[_TID_KEY] = token_id
             resp: web.StreamResponse = await handler(request)
         except Problem as exc:
             resp = problem_response(exc.status, exc.detail, field=exc.field,
@@ -849,29 +1001,31 @@ def _middleware(hub: HubNode) -> Any:
         if token_id is not None:
             route = _route_name(request)
             node = request.match_info.get("id")
-            hub.store.audit_nowait("admin_call", node if is_node_id(node) else None,
-                                   request.remote,
+            hub.store.audit_nowait("admin_call", node if is_node_id(node) else None, ip,
                                    {"method": request.method, "route": route,
                                     "status": resp.status, "token": token_id,
                                     "request_id": rid}, _now_ms())
             log.info("admin call", extra={
                 "event": "admin_call", "method": request.method, "route": route,
-                "status": resp.status, "token": token_id, "request_id": rid,
-                "ip": request.remote,
+                "status": resp.status, "token": token_id, "request_id": rid, "ip": ip,
                 "duration_ms": round((time.perf_counter() - t0) * 1000, 3)})
         return resp
 
     return admin
 
 
-def add_routes(app: web.Application, hub: HubNode) -> None:
-    """Add every /v1/ route of ROUTES, serving `hub`, and the admin middleware to `app`."""
+def add_routes(app: web.Application, hub: HubNode,
+               registry: CollectorRegistry | None = None) -> None:
+    """Add every /v1/ route of ROUTES, serving `hub`, and the admin middleware to `app`
+    (its counters in `registry`)."""
     schemas = components(hub.cfg)
     app[_COMPONENTS_KEY] = schemas
     app[_DOCUMENT_KEY] = openapi_document(hub.cfg)
     app[_ISSUER_KEY] = _issuer(hub.cfg)
+    tokens = TokenTable(parse_token(t) for t in hub.cfg.admin.tokens)
+    guard = AdminGuard(hub.cfg.admin, hub, registry)
     # Appended: inside app.py's security_headers, so problems get those headers too.
-    app.middlewares.append(_middleware(hub))
+    app.middlewares.append(_middleware(hub, tokens, guard))
     for r in ROUTES:
         if r.handler is None:
             continue

@@ -14,17 +14,26 @@ hello (docs/protocol.md §1, §2, §8).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
 
-from hub.ratelimit import IpLimiter
+import msgpack
+
+from hub.ratelimit import Rate
+from hub.ratelimit_shared import HandshakeLimiter, SharedLimiter
+from hub.revocations import Revocations
 from persistence.store import StoreUnavailable
 from protocol import errors as E
 from protocol.errors import FrameError
 from protocol.frames import Hello, encode_bye, encode_error, encode_welcome
 from protocol.handshake import Authenticated
-from protocol.tokens import TOKEN_ERROR_REASONS
+from protocol.identity import PUBLIC_KEY_BYTES, is_node_id
+from protocol.ids import mid_time_ms
+from protocol.tokens import MAX_TOKEN_CHARS, TOKEN_ERROR_REASONS
 
 if TYPE_CHECKING:
     from websockets.http11 import Request
@@ -53,7 +62,12 @@ class Admission:
         # docs/protocol.md §8: the bucket's burst is its rate, not limits.burst (the
         # per-session frame burst, 2,000 by default, would let a burst of 2,000
         # handshakes through).
-        self.ip_limiter = IpLimiter(cfg.limits.handshakes_per_s, cfg.limits.handshakes_per_s)
+        # With the Redis broker the bucket is shared by every instance
+        # (hub/ratelimit_shared.py: local decision, reconciled through Redis).
+        hs = cfg.limits.handshakes_per_s
+        self.ip_limiter = HandshakeLimiter(Rate(hs, hs), SharedLimiter(hub.broker))
+        # docs/protocol.md §2.4: revoked tokens, checked at every JWT handshake.
+        self.revocations = Revocations(hub.store, hub.broker)
         self.trusted_proxies = hub.trusted_proxies
         origins = cfg.server.allowed_origins
         self.any_origin = "*" in origins
@@ -122,17 +136,21 @@ class Admission:
 
     def refuse(self, session: Session, reason: str, code: str = E.AUTH_FAILED,
                close_code: int = E.CLOSE_AUTH_FAILED, node: str | None = None) -> None:
+        """`node`: the node id proved, or (auth_failed) only claimed by the hello,
+        unverified (ARCHITECTURE.md: `?node=` then finds attempts against a node)."""
         hub = self.hub
         m = hub.metrics
         m.handshakes["failed" if code == E.AUTH_FAILED else code] += 1
         if code == E.AUTH_FAILED:
             m.auth_failures[_reason_label(reason)] += 1
+            log.info("node authentication failed", extra={
+                "event": "auth_failed", "node": node, "ip": session.ip, "reason": reason})
         hub.store.audit_nowait("auth_failed" if code == E.AUTH_FAILED else "auth_refused",
                                node, session.ip, {"reason": reason, "code": code}, _now_ms())
         msg = "authentication failed" if code == E.AUTH_FAILED else reason
         session.close(close_code, code, error=encode_error(None, code, msg))
 
-    def refuse_hello(self, session: Session, error: FrameError) -> None:
+    def refuse_hello(self, session: Session, error: FrameError, data: bytes = b"") -> None:
         """A hello that does not decode as one. A `meta` that is not JSON-representable
         (docs/protocol.md §2) is the node's own data, not a credential: `bad_frame`,
         named. Any other flaw, a meta over 4 KiB included, is a refusal, `auth_failed`
@@ -142,7 +160,7 @@ class Admission:
             session.close(E.CLOSE_AUTH_FAILED, "bad hello",
                           error=encode_error(error.id, E.BAD_FRAME, error.msg))
             return
-        self.refuse(session, error.msg)
+        self.refuse(session, error.msg, node=_claimed_in(data))
 
     async def authenticate(self, session: Session, hello: Hello) -> None:
         """Check the hello; register, claim and welcome the node, then replay its
@@ -167,7 +185,12 @@ class Admission:
         try:
             auth = session.handshake.check(hello)
         except E.HandshakeError as exc:
-            self.refuse(session, exc.reason)
+            self.refuse(session, exc.reason, node=claimed_node(hello.key, hello.token))
+            return
+        if auth.method == "token" and self.revocations.revoked(auth.node_id, auth.jti,
+                                                               auth.iat):
+            # docs/protocol.md §2.5: auth_failed, 4001
+            self.refuse(session, "revoked", node=auth.node_id)
             return
         node_id = auth.node_id
         now = _now_ms()
@@ -181,10 +204,9 @@ class Admission:
         session.register(node_id, session_id)
         hub.attach(session)
         if hub.clustered:
-            try:  # before welcome: from welcome on, other instances can reach the node
-                await hub.broker.claim(node_id, session_id)
-            except Exception:
-                log.warning("broker claim failed", extra={"event": "claim_failed"})
+            # Before welcome: from welcome on, other instances can reach the node. A
+            # claim the broker cannot take now is asserted again later (hub/claims.py).
+            await hub.claims.claim(session)
         store = hub.store
         try:
             rec = await store.get_node(node_id)
@@ -215,9 +237,50 @@ class Admission:
         store.audit_nowait("auth_ok", node_id, session.ip, {"method": auth.method}, now)
         session.activate(auth, encode_welcome(node_id, session_id, hub.cfg.limits.hb_s,
                                               pending, hub.welcome_limits))
+        log.info("node connected", extra={
+            "event": "node_connected", "node": node_id, "ip": session.ip,
+            "session": session_id, "method": auth.method})
         # Replay even when `pending` was 0: with a concurrent store a message may have
         # been stored between the count and the registration above.
         await session.replay_queue()
+
+
+    def disconnected(self, session: Session) -> None:
+        """A welcomed session ends (hub/session.py `closing`): one info line, the pair of
+        "node connected", with the close code sent or received (1006: none) and how
+        long the session lasted."""
+        session_id = session.session_id
+        log.info("node disconnected", extra={
+            "event": "node_disconnected", "node": session.node_id, "ip": session.ip,
+            "session": session_id, "close_code": session.conn.close_code,
+            "duration_ms": max(0, _now_ms() - mid_time_ms(session_id))})
+
+
+def claimed_node(key: object, token: object) -> str | None:
+    """The node id a hello claims, unverified: its key's (hex), or its token's `sub`
+    (read without checking the signature). None when it names none."""
+    if isinstance(key, bytes) and len(key) == PUBLIC_KEY_BYTES:
+        return key.hex()
+    if isinstance(token, str) and len(token) <= MAX_TOKEN_CHARS and token.count(".") == 2:
+        part = token.split(".")[1]
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        except (ValueError, binascii.Error):
+            return None
+        sub = claims.get("sub") if isinstance(claims, dict) else None
+        return sub if is_node_id(sub) else None
+    return None
+
+
+def _claimed_in(data: bytes) -> str | None:
+    """`claimed_node` of a hello that did not validate (refuse_hello)."""
+    try:
+        v = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    if type(v) is list and v:
+        v = v[0]
+    return claimed_node(v.get("key"), v.get("token")) if type(v) is dict else None
 
 
 def _reason_label(reason: str) -> str:

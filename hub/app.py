@@ -22,11 +22,16 @@ from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.registry import CollectorRegistry
 
 from admin_http.app import make_app
+from admin_http.hygiene import AdminSite
 from hub.backends import open_broker
-from hub.config import Config
+from hub.breaker import Breaker, GuardedBroker, GuardedStore
+from hub.broker import Broker
+from hub.config import BrokerConfig, Config, StoreConfig
 from hub.metrics import Metrics
 from hub.node import HubNode
+from hub.observe import Observer
 from persistence.backends import open_store
+from persistence.store import Store
 from protocol.tokens import TokenVerifier
 
 __all__ = ["RunningHub", "install_uvloop", "serve"]
@@ -97,16 +102,26 @@ class RunningHub:
             store = open_store(cfg.store.url, auto_migrate=cfg.store.auto_migrate,
                                pool_size=cfg.store.pool_size,
                                retention_days=cfg.store.retention_days,
-                               read_url=cfg.store.read_url)
+                               read_url=cfg.store.read_url, timeout_s=cfg.store.timeout_s)
             # Closed also when open() fails: it may hold a half-opened connection or thread.
             stack.push_async_callback(store.close)
             await store.open()
             self.store = store
-            broker = open_broker(cfg.broker.url, seed=store.last_seq, hub_id=cfg.server.hub_id)
-            node = HubNode(cfg, store, broker, metrics, token_verifier(cfg))
+            # Every call of the hub to its store and (Redis) broker goes through a
+            # circuit breaker (hub/breaker.py): a backend that stops answering costs a
+            # node one store.timeout_s, then `unavailable` at once.
+            guarded, broker = guard_backends(cfg, store, metrics)
+            node = HubNode(cfg, guarded, broker, metrics, token_verifier(cfg))
             stack.push_async_callback(broker.close)
             await broker.start(cfg.server.instance_id, node)
+            # Revoked tokens (hub/revocations.py) and the shared handshake limit.
+            stack.push_async_callback(node.admission.ip_limiter.close)
+            stack.push_async_callback(node.admission.revocations.close)
+            await node.admission.revocations.start()
             node.start()
+            observer = Observer(guarded, broker, metrics, timeout_s=cfg.store.timeout_s)
+            observer.start()  # event-loop lag, backend health, the QoS 1 backlog
+            stack.push_async_callback(observer.stop)
             shut = _Once(node.shutdown, cfg.server.shutdown_grace_s)
             stack.push_async_callback(shut)  # its housekeeping task, when a later step fails
             self.node = node
@@ -127,7 +142,8 @@ class RunningHub:
             stack.push_async_callback(runner.cleanup)
             self._admin = runner
             stack.callback(setattr, self, "_admin", None)
-            site = web.TCPSite(runner, cfg.server.admin_host, cfg.server.admin_port)
+            # TLS (admin.tls_*), the header timeout, problem+json for parser errors.
+            site = AdminSite(runner, cfg.server.admin_host, cfg.server.admin_port, cfg.admin)
             await site.start()
             self.admin_port = runner.addresses[0][1]
 
@@ -151,6 +167,25 @@ class RunningHub:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
+
+
+def guard_backends(cfg: Config, store: Store, metrics: Metrics) -> tuple[Store, Broker]:
+    """The store and the broker as the hub sees them: behind their breakers, counted by
+    outcome (hub/breaker.py). The memory broker cannot fail: it is not wrapped."""
+    def breaker(name: str, c: StoreConfig | BrokerConfig) -> Breaker:
+        b = Breaker(name, failures=c.breaker_failures, window_s=c.breaker_window_s,
+                    open_s=c.breaker_open_s, probe_timeout_s=2 * cfg.store.timeout_s + 1)
+        metrics.breakers[name] = b
+        return b
+
+    guarded: Store = GuardedStore(store, breaker("store", cfg.store), metrics,
+                                  cfg.store.timeout_s)
+    metrics.store_pool = store.pool_usage
+    broker = open_broker(cfg.broker.url, seed=guarded.last_seq, hub_id=cfg.server.hub_id)
+    broker_breaker = breaker("broker", cfg.broker)
+    if not cfg.broker.url.startswith("memory:"):
+        broker = GuardedBroker(broker, broker_breaker, metrics)
+    return guarded, broker
 
 
 class _Once:

@@ -220,12 +220,24 @@ def _check_jwt_algorithms(value: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _check_tokens(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Each entry resolved (`file:/path`, whole or as a named token's secret) and parsed
+    by admin_http/tokens.py: `NAME:SCOPE:SECRET`, `NAME:SCOPE:sha256:HEX` or an old-style
+    token (scope admin). Errors name the entry's position, never its secret."""
+    from admin_http.tokens import TokenTable, inline_file_secret, parse_token
+
     result: list[str] = []
+    parsed = []
     for position, raw in enumerate(value, start=1):
-        token = _read_secret(raw)
-        if not token or not token.isascii() or not token.isprintable() or " " in token:
-            raise _Bad(f"token #{position} must be non-empty printable ASCII without whitespace")
+        try:
+            token = inline_file_secret(_read_secret(raw), _read_secret)
+            parsed.append(parse_token(token))
+        except ValueError as exc:
+            raise _Bad(f"token #{position} {exc}") from None
         result.append(token)
+    try:
+        TokenTable(parsed)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
     return tuple(result)
 
 
@@ -373,17 +385,41 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    """[admin]: bearer tokens for the admin HTTP `/v1/` routes (none: all answer 401)."""
+    """[admin]: the admin HTTP surface: bearer tokens and their scopes for the `/v1/`
+    routes (none: all answer 401), its TLS, and its abuse limits (admin_http/guard.py)."""
 
     tokens: tuple[str, ...] = _key(
         (),
         check=_check_tokens,
         secret=True,
-        allowed="must be a list of tokens (each a literal or file:/path)",
+        allowed="must be a list of tokens (each NAME:SCOPE:SECRET, NAME:SCOPE:sha256:HEX, "
+                "an old-style token, or file:/path)",
     )
+    # TLS for the admin listener (PEM certificate chain and key); then responses carry
+    # Strict-Transport-Security. Both or neither.
+    tls_cert: str | None = _key(None, check=_check_file)
+    tls_key: str | None = _key(None, check=_check_file)
+    # A connection whose request headers are not complete this long after the connect,
+    # or after its previous response, is closed (slowloris; also the keep-alive idle).
+    header_timeout_s: float = _key(5.0, gt=0)
+    # Per client IP and, once authenticated, per token: cost units a second and at once
+    # (a read costs 1, a write more: x-openred-cost in the OpenAPI document). Shared by
+    # every instance through Redis with the Redis broker.
+    requests_per_s: int = _key(50, ge=1)
+    requests_burst: int = _key(200, ge=1)
+    # Bad tokens one client IP may present before it is locked out (429 with
+    # Retry-After on every /v1/ route, a good token included); failures are then
+    # forgiven one per lockout_s.
+    max_auth_failures: int = _key(10, ge=1)
+    lockout_s: int = _key(300, ge=1)
 
     def __repr__(self) -> str:
-        return f"AdminConfig(tokens=<{len(self.tokens)} redacted>)"
+        return (f"AdminConfig(tokens=<{len(self.tokens)} redacted>, "
+                f"tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}, "
+                f"header_timeout_s={self.header_timeout_s!r}, "
+                f"requests_per_s={self.requests_per_s!r}, "
+                f"requests_burst={self.requests_burst!r}, "
+                f"max_auth_failures={self.max_auth_failures!r}, lockout_s={self.lockout_s!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +463,17 @@ class StoreConfig:
     read_url: str | None = _key(
         None, check=_check_read_url, allowed=_READ_URL_ALLOWED, show=_show_url
     )
+    # docs/protocol.md §9 `unavailable`: how long one store call may wait for the
+    # database before it fails (PostgreSQL connect, pool and statement timeouts, the
+    # in-doubt COMMIT check; SQLite's busy timeout; reads are cut at it too). A QoS 1
+    # send is answered within about this long, also when the database stops answering.
+    timeout_s: float = _key(2.0, gt=0, le=60)
+    # The store's circuit breaker (hub/breaker.py): after `breaker_failures` consecutive
+    # failures or timeouts within `breaker_window_s`, store calls fail at once
+    # (`unavailable`) for `breaker_open_s`; then one call at a time probes.
+    breaker_failures: int = _key(5, ge=1)
+    breaker_window_s: float = _key(10.0, gt=0)
+    breaker_open_s: float = _key(5.0, gt=0, le=300)
 
     def __repr__(self) -> str:
         read_url = None if self.read_url is None else redact_url(self.read_url)
@@ -435,7 +482,10 @@ class StoreConfig:
             f"pool_size={self.pool_size!r}, message_ttl_s={self.message_ttl_s!r}, "
             f"topic_history={self.topic_history!r}, "
             f"topic_history_ttl_s={self.topic_history_ttl_s!r}, "
-            f"retention_days={self.retention_days!r}, read_url={read_url!r})"
+            f"retention_days={self.retention_days!r}, read_url={read_url!r}, "
+            f"timeout_s={self.timeout_s!r}, breaker_failures={self.breaker_failures!r}, "
+            f"breaker_window_s={self.breaker_window_s!r}, "
+            f"breaker_open_s={self.breaker_open_s!r})"
         )
 
 
@@ -444,9 +494,17 @@ class BrokerConfig:
     """[broker]: cross-instance routing (memory:// for one process, redis:// for many)."""
 
     url: str = _key("memory://", check=_check_broker_url, allowed=_BROKER_ALLOWED, show=_show_url)
+    # The Redis broker's circuit breaker (hub/breaker.py), as the store's; it also
+    # closes as soon as the broker's connections are back.
+    breaker_failures: int = _key(5, ge=1)
+    breaker_window_s: float = _key(10.0, gt=0)
+    breaker_open_s: float = _key(5.0, gt=0, le=300)
 
     def __repr__(self) -> str:
-        return f"BrokerConfig(url={redact_url(self.url)!r})"
+        return (f"BrokerConfig(url={redact_url(self.url)!r}, "
+                f"breaker_failures={self.breaker_failures!r}, "
+                f"breaker_window_s={self.breaker_window_s!r}, "
+                f"breaker_open_s={self.breaker_open_s!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,7 +512,8 @@ class LogConfig:
     """[log]: structured logging."""
 
     level: str = _key("info", choices=("debug", "info", "warning", "error"))
-    format: str = _key("json", choices=("json", "text"))
+    # "ecs": JSON lines in Elastic Common Schema fields (hub/log.py).
+    format: str = _key("json", choices=("json", "text", "ecs"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,11 +835,14 @@ def _cross_checks(values: dict[tuple[str, str], Any], origins: dict[tuple[str, s
         origin = origins.get((section, key), f"{section}.{key}")
         return ConfigError(f"{origin}: {problem}", key=origin)
 
-    cert, key = values[("server", "tls_cert")], values[("server", "tls_key")]
-    if cert is not None and key is None:
-        raise fail("server", "tls_key", "must be set when server.tls_cert is (both or neither)")
-    if key is not None and cert is None:
-        raise fail("server", "tls_cert", "must be set when server.tls_key is (both or neither)")
+    for section in ("server", "admin"):
+        cert, key = values[(section, "tls_cert")], values[(section, "tls_key")]
+        if cert is not None and key is None:
+            raise fail(section, "tls_key",
+                       f"must be set when {section}.tls_cert is (both or neither)")
+        if key is not None and cert is None:
+            raise fail(section, "tls_cert",
+                       f"must be set when {section}.tls_key is (both or neither)")
 
     ws_port, admin_port = values[("server", "ws_port")], values[("server", "admin_port")]
     same_host = values[("server", "ws_host")] == values[("server", "admin_host")]

@@ -24,6 +24,7 @@ from typing import Any
 
 from hub.admission import Admission
 from hub.broker import Broker, BrokerUnavailable, MemoryBroker
+from hub.claims import Claims
 from hub.config import Config, effective_limits
 from hub.forwarded import TrustedProxies
 from hub.metrics import Metrics
@@ -107,6 +108,7 @@ class HubNode:
         self._housekeeping: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self.resyncs = Resyncs(self)
+        self.claims = Claims(self)
         self.topic_order = TopicOrder(self)
         self.admission = Admission(self)
 
@@ -151,6 +153,8 @@ class HubNode:
                 inflight.extend(c.session.pending_tasks())
         if inflight:
             await asyncio.wait(inflight, timeout=grace_s)
+        # Marks of what was accepted are committed, hints still due sent (hub/resync.py).
+        await self.resyncs.at_shutdown(min(grace_s, 2.0))
         for c in list(self.connections):
             # The close resumes reading, for the peer's close frame (§8).
             if c.session is not None and c.session.active:
@@ -198,6 +202,7 @@ class HubNode:
                     c.last_ping = now
                     c.send_ping()
             self.resyncs.hint_if_due()
+            self.claims.retry_if_due()
             if tick % 60 == 0:
                 try:
                     await self.store.purge_expired(_now_ms())
@@ -220,6 +225,7 @@ class HubNode:
         node_id = session.node_id
         if self.local.get(node_id) is session:
             del self.local[node_id]
+            self.claims.forget(session)
             if self.clustered:
                 self.background(self.broker.release(node_id, session.session_id))
         self.metrics.connections -= 1
@@ -265,6 +271,8 @@ class HubNode:
         try:
             if not await self._store_q1(session, f, mid, ts):
                 return
+            # §5: a hint the broker cannot carry now is durable before the ok, too.
+            await self.resyncs.before_ok(f.to, mid)
             session.reply_ok(f.id, mid=mid, status="stored")  # §5: stored before ok
             frame = encode_msg(mid, session.node_id, f.body, ts, 1, f.sig)
             # Accepted: from here on the delivery is the hub's, not the sender session's:
@@ -289,9 +297,8 @@ class HubNode:
             ttl = f.ttl if f.ttl is not None else self.message_ttl_s
             msg = StoredMessage(mid, session.node_id, f.to, f.body, ts, ts + ttl * 1000,
                                 f.sig, f.receipt)
-            t0 = time.perf_counter()
+            # Timed (store_write_seconds, failures too) by the store's guard: hub/breaker.py.
             await store.enqueue(msg, self.cfg.limits.max_pending_per_node)
-            self.metrics.store_write_seconds.observe(time.perf_counter() - t0)
         except QueueFull:
             session.reply_error(f.id, E.QUEUE_FULL, "recipient queue is full")
             return False
@@ -342,7 +349,7 @@ class HubNode:
             except BrokerUnavailable:
                 # Stored. The node may be online on another instance: it gets this once
                 # the broker is back (on_broker_up), not only at its next session.
-                self.resyncs.note_unreached(node_id)
+                self.resyncs.note_unreached(node_id, mid)
             except Exception:
                 pass  # stored: delivered on the node's next session
         self.metrics.routed["queued"] += 1
@@ -431,26 +438,20 @@ class HubNode:
                       body: bytes, sender: str | None = None) -> tuple[str, int] | None:
         """Sequence, keep in history, fan out (local, then other instances)."""
         sender = sender if sender is not None else session.node_id if session else ADMIN_SENDER
-        try:
-            seq = await self.broker.next_seq(topic)
-        except Exception:
-            if session is not None:
-                session.reply_error(fid, E.UNAVAILABLE, "broker unavailable")
-            return None
         ts = _now_ms()
         mid = self.mid(ts)
-        keep = self.cfg.store.topic_history
         try:
-            await self.store.append_history(
-                HistoryEntry(topic, seq, mid, sender, body, ts), keep,
+            # §6: the store numbers the publication in the transaction that keeps it in
+            # history, so a topic is numbered without gaps or collisions across
+            # instances, with or without the broker (local subscribers keep getting it
+            # while the broker is away; others catch up from history when it is back).
+            seq = await self.store.append_history(
+                HistoryEntry(topic, 0, mid, sender, body, ts), self.cfg.store.topic_history,
                 self.cfg.store.topic_history_ttl_s * 1000)
         except StoreUnavailable:
-            if keep > 0:
-                # §5 recovery promises what history holds; a message it cannot hold is
-                # refused rather than sent around it.
-                if session is not None:
-                    session.reply_error(fid, E.UNAVAILABLE, "history store unavailable")
-                return None
+            if session is not None:
+                session.reply_error(fid, E.UNAVAILABLE, "store unavailable")
+            return None
         frame = encode_topic_msg(mid, sender, topic, seq, body, ts)
         # To local subscribers in seq order (hub/topic_order.py), like the publications
         # of other instances.
@@ -472,8 +473,8 @@ class HubNode:
             topic, since, _now_ms(), self.cfg.store.topic_history_ttl_s * 1000)
 
     async def topic_seq(self, topic: str) -> int:
-        """The topic's current sequence, cluster wide."""
-        return await self.broker.last_seq(topic)
+        """The topic's current sequence, cluster wide (the store numbers topics)."""
+        return await self.store.last_seq(topic)
 
     def topic_cursor(self, topic: str) -> int:
         """The seq this instance's cursor of `topic` hands out next (hub/topic_order.py):
@@ -558,6 +559,7 @@ class HubNode:
         not carry (`Resyncs.on_broker_up`), and topic messages published elsewhere
         meanwhile (`TopicOrder.catch_up`)."""
         self.resyncs.on_broker_up(list(self.local.values()))
+        self.claims.on_broker_up()  # one session per node again (hub/claims.py)
         self.topic_order.catch_up()
 
     # -- broker handler (traffic from other instances) --------------------------------
@@ -580,7 +582,7 @@ class HubNode:
         if s is None or (session_id is not None and s.session_id == session_id):
             return
         if command == "replace":
-            s.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
+            self.claims.on_replace(s, session_id)  # hub/claims.py: the newer one stays
         elif command == "kick":
             s.close(E.CLOSE_KICKED, "kicked", bye=encode_bye("kicked"))
         elif command == "ban":

@@ -153,6 +153,7 @@ class Session:
 
     def reply_error(self, fid: int | str | None, code: str, msg: str) -> None:
         self.hub.metrics.frames_out["error"] += 1
+        self.hub.metrics.error_frames[code] += 1
         self.push(encode_error(fid, code, msg))
 
     def reply_ok(self, fid: int | str | None, **fields: Any) -> None:
@@ -169,6 +170,8 @@ class Session:
     def closing(self) -> None:
         """The connection is closing: leave the registry (routing and presence stop at
         once) and handle nothing more."""
+        if self.state is ACTIVE:  # one info line per session (hub/admission.py)
+            self.hub.admission.disconnected(self)
         self.state = CLOSED
         if self._hello_timer is not None:
             self._hello_timer.cancel()
@@ -233,7 +236,7 @@ class Session:
         if type(first) is Hello:
             hello = first
         elif type(first) is FrameError and _is_hello(data):
-            admission.refuse_hello(self, first)
+            admission.refuse_hello(self, first, data)
             return
         else:
             self._not_authenticated(getattr(first, "id", None))

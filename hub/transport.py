@@ -28,7 +28,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from protocol import errors as E
@@ -64,9 +64,10 @@ class Connection(asyncio.Protocol):
     # Slots: tens of thousands of idle connections per process, none with a dict.
     __slots__ = (
         "_flush_scheduled", "_flushes", "_grace", "_pong", "_reading_paused", "_room",
-        "_timer", "batch_out", "counted_ip", "hub", "ip", "last_ping", "last_rx", "loop",
-        "max_bytes", "max_frames", "out", "out_bytes", "paused_at", "phase", "reader",
-        "refusal", "session", "transport", "write_paused", "writer", "ws",
+        "_timer", "batch_out", "close_code", "counted_ip", "hub", "ip", "last_ping",
+        "last_rx", "loop", "max_bytes", "max_frames", "out", "out_bytes", "paused_at",
+        "phase", "reader", "refusal", "session", "transport", "write_paused", "writer",
+        "ws",
     )
 
     def __init__(self, hub: HubNode) -> None:
@@ -77,6 +78,9 @@ class Connection(asyncio.Protocol):
         self.ip = "?"
         self.counted_ip: str | None = None  # the IP whose connection count holds this one
         self.refusal: tuple[int, str] | None = None  # decided at connect, said at request
+        # The close code sent or received (the disconnect log); 1006: none, the TCP
+        # connection just ended.
+        self.close_code = 1006
         cfg = hub.cfg
         self.ws: ServerProtocol | None = ServerProtocol(
             max_size=cfg.limits.max_frame_bytes, extensions=hub.ws_extensions, logger=_ws_log)
@@ -210,16 +214,16 @@ class Connection(asyncio.Protocol):
         ws = self.ws
         assert ws is not None
         if self.refusal is not None:
-            ws.send_response(ws.reject(*self.refusal))
+            ws.send_response(_plain(ws.reject(*self.refusal)))
             return
         if request.path.split("?", 1)[0] != WS_PATH:
-            ws.send_response(ws.reject(404, "Not Found\n"))
+            ws.send_response(_plain(ws.reject(404, "Not Found\n")))
             return
         refusal = self.hub.admission.on_request(self, request)
         if refusal is not None:
-            ws.send_response(ws.reject(*refusal))
+            ws.send_response(_plain(ws.reject(*refusal)))
             return
-        response = ws.accept(request)
+        response = _plain(ws.accept(request))
         ws.send_response(response)
         if response.status_code != 101:
             return
@@ -298,6 +302,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if self.phase is OPEN:
             self.phase = CLOSING
+            self.close_code = code
             if self.session is not None:
                 self.session.closing()
             self.out = []
@@ -446,6 +451,7 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
             return
         self.phase = CLOSING
+        self.close_code = code
         if self.session is not None:
             self.session.closing()
         transport, writer = self.transport, self.writer
@@ -476,3 +482,11 @@ class Connection(asyncio.Protocol):
         # bytes once per connection).
         self.write_paused = False
         self.close(E.CLOSE_SLOW_CONSUMER, "slow consumer", bye)
+
+
+def _plain(response: Response) -> Response:
+    """No software versions on the wire: websockets names itself and Python in `Server`."""
+    if "Server" in response.headers:
+        del response.headers["Server"]
+    response.headers["Server"] = "openred-hub"
+    return response

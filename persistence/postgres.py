@@ -47,6 +47,7 @@ Needs PostgreSQL 12 or newer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
@@ -77,9 +78,11 @@ from persistence.store import (
     MessageState,
     NodeRecord,
     QueueFull,
+    Revocation,
     StoredMessage,
     StoreError,
     StoreUnavailable,
+    Undelivered,
 )
 
 __all__ = ["PostgresStore", "parse_postgres_url"]
@@ -267,6 +270,8 @@ _SQL_PENDING = (
 _SQL_COUNT_PENDING = (
     "SELECT count(*) FROM messages WHERE recipient = $1 AND acked IS NULL AND expires > $2"
 )
+# The backlog gauge: an index-only scan of the partial messages_pending index.
+_SQL_PENDING_TOTAL = "SELECT count(*) FROM messages WHERE acked IS NULL AND expires > $1"
 # The queue bound of many recipients at once, each at its own time.
 _SQL_COUNT_MANY = (
     "SELECT q.recipient, c.n, c.next_expiry"
@@ -316,11 +321,14 @@ _SQL_TAKE_BACK = (
     "DELETE FROM messages AS m USING unnest($1::text[], $2::bigint[]) AS k(mid, created)"
     " WHERE m.mid = k.mid AND m.created = k.created AND m.acked IS NULL"
 )
-_SQL_UPSERT_TOPICS = (
+# Sequence numbers taken in the transaction that appends the history: the topic's row
+# stays locked until the commit, so a topic's sequences commit in order, cluster wide
+# (docs/protocol.md §6), with or without a broker.
+_SQL_TAKE_SEQS = (
     "INSERT INTO topics AS t (name, last_seq)"
-    " SELECT name, max(seq) FROM unnest($1::text[], $2::bigint[]) AS e(name, seq)"
-    " GROUP BY name"
-    " ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(t.last_seq, excluded.last_seq)"
+    " SELECT name, n FROM unnest($1::text[], $2::bigint[]) AS e(name, n)"
+    " ON CONFLICT (name) DO UPDATE SET last_seq = t.last_seq + excluded.last_seq"
+    " RETURNING name, last_seq"
 )
 _SQL_CLEAR_HISTORY = "DELETE FROM history WHERE topic = ANY($1::text[])"
 _SQL_INSERT_HISTORY = (
@@ -365,11 +373,53 @@ _SQL_INSERT_AUDIT = (
     " WITH ORDINALITY AS t(ts, kind, node, ip, detail, ord)"
     " ORDER BY ord"
 )
+# Delivery hints: one row per recipient. Rows are locked in recipient order (the caller
+# sorts), so two instances marking the same recipients cannot deadlock.
+_SQL_MARK_UNDELIVERED = (
+    "INSERT INTO undelivered AS u (recipient, since, mark)"
+    " SELECT recipient, $3, mark FROM unnest($1::text[], $2::text[]) AS m(recipient, mark)"
+    " ON CONFLICT (recipient) DO UPDATE SET mark = excluded.mark"
+)
+_SQL_UNDELIVERED = (
+    "SELECT recipient, since, mark FROM undelivered ORDER BY since, recipient LIMIT $1"
+)
+_SQL_CLEAR_UNDELIVERED = (
+    "DELETE FROM undelivered AS u USING unnest($1::text[], $2::text[]) AS c(recipient, mark)"
+    " WHERE u.recipient = c.recipient AND u.mark = c.mark"
+)
 _SQL_PARTITIONS = (
     "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid"
     " WHERE i.inhparent = to_regclass($1)"
 )
 _SQL_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+
+# forget_node (Store contract): a ban outlives the forgetting; unacked messages expire.
+_SQL_FORGET_NODE = (
+    "WITH f AS (SELECT id, banned FROM nodes WHERE id = $1 FOR UPDATE),"
+    " u AS (UPDATE nodes AS n SET registered = false, meta = '{}'::json, key = NULL"
+    " FROM f WHERE n.id = f.id AND f.banned),"
+    " d AS (DELETE FROM nodes AS n USING f WHERE n.id = f.id AND NOT f.banned)"
+    " SELECT count(*) FROM f"
+)
+_SQL_EXPIRE_QUEUE = (
+    "UPDATE messages SET expires = $2 WHERE recipient = $1 AND acked IS NULL AND expires > $2"
+)
+_REVOCATION_COLUMNS = "id, kind, subject, issued_before, created, expires"
+# Writers serialize on the table lock, so ids commit in id order (readers page by id).
+_SQL_LOCK_REVOCATIONS = "LOCK TABLE revocations IN SHARE ROW EXCLUSIVE MODE"
+_SQL_DROP_REVOCATIONS = "DELETE FROM revocations WHERE expires <= $1"
+_SQL_ADD_REVOCATION = (
+    "INSERT INTO revocations AS r (kind, subject, issued_before, created, expires)"
+    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kind, subject) DO UPDATE SET"
+    " id = nextval('revocations_id_seq'), created = excluded.created,"
+    " issued_before = GREATEST(r.issued_before, excluded.issued_before),"
+    " expires = GREATEST(r.expires, excluded.expires)"
+    f" RETURNING {_REVOCATION_COLUMNS}"
+)
+_SQL_REVOCATIONS_SINCE = (
+    f"SELECT {_REVOCATION_COLUMNS} FROM revocations WHERE id > $1 AND expires > $2"
+    " ORDER BY id LIMIT $3"
+)
 
 
 def _node(row: Any) -> NodeRecord:
@@ -545,15 +595,17 @@ class PostgresStore:
     - `nowait_linger_s` (0.05): fire-and-forget items alone wait this long for an awaited
       call to ride with, instead of committing on their own.
     - `connect_timeout_s` (5), `command_timeout_s` (10), `acquire_timeout_s` (5): how
-      long a call may wait before it fails with StoreUnavailable.
+      long a call may wait before it fails with StoreUnavailable. The hub sets them,
+      and `in_doubt_timeout_s`, from `store.timeout_s` (2 s: persistence/backends.py).
     - `ddl_lock_timeout_s` (2): partition changes give up (and retry at the next run)
       rather than queue behind long queries while blocking everyone else.
     - `maintain_interval_s` (3600): how often the maintenance task runs `maintain()`.
     - `pending_count_max_age_s` (2): see `PendingCounts`.
     - `purge_chunk_rows` (10,000): `purge_expired` deletes in transactions of at most
       this many rows.
-    - `in_doubt_timeout_s` (30): how long to keep asking the server about a batch whose
-      COMMIT was cut off before failing its callers with StoreUnavailable regardless.
+    - `in_doubt_timeout_s` (30): how long after sending a COMMIT that was cut off to keep
+      asking the server about its batch before failing its callers with
+      StoreUnavailable regardless.
     - `read_url`: the read replica (module docstring); `replica_reads` counts the reads
       it served, `replica_fallbacks` those it failed (run on the primary instead).
     - `replica_connect_timeout_s` (2): a replica that does not answer is bypassed fast.
@@ -925,6 +977,33 @@ class PostgresStore:
                 lambda conn: conn.fetch(_SQL_LIST_NODES_AFTER, max(limit, 0), after))
         return [_node(row) for row in rows]
 
+    async def forget_node(self, node_id: str, now_ms: int) -> bool:
+        _check_text(node_id)
+        await self._barrier(_ENQUEUE)  # messages enqueued before this call expire too
+        async with self._conn() as conn, conn.transaction():
+            known = await conn.fetchval(_SQL_FORGET_NODE, node_id)
+            status = await conn.execute(_SQL_EXPIRE_QUEUE, node_id, now_ms)
+        return bool(known) or int(status.split()[-1]) > 0
+
+    # -- token revocations ------------------------------------------------------------------
+
+    async def add_revocation(self, kind: str, subject: str, issued_before: int | None,
+                             expires: int, now_ms: int) -> Revocation:
+        _check_text(kind, subject)
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(_SQL_LOCK_REVOCATIONS)
+            await conn.execute(_SQL_DROP_REVOCATIONS, now_ms)
+            row = await conn.fetchrow(_SQL_ADD_REVOCATION, kind, subject, issued_before,
+                                      now_ms, expires)
+        return Revocation(*row)
+
+    async def revocations_since(self, after_id: int, now_ms: int,
+                                limit: int) -> list[Revocation]:
+        # On the primary: a replica's lag would delay a revocation past its promise.
+        async with self._conn() as conn:
+            rows = await conn.fetch(_SQL_REVOCATIONS_SINCE, after_id, now_ms, max(limit, 0))
+        return [Revocation(*row) for row in rows]
+
     @staticmethod
     def _json(value: dict[str, Any]) -> str:
         try:
@@ -949,6 +1028,16 @@ class PostgresStore:
         await self._barrier(_ENQUEUE, _ACK)
         async with self._conn() as conn:
             return int(await conn.fetchval(_SQL_COUNT_PENDING, node_id, now_ms))
+
+    async def pending_total(self, now_ms: int) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval(_SQL_PENDING_TOTAL, now_ms))
+
+    def pool_usage(self) -> tuple[int, int]:
+        pool = self._pool
+        if pool is None:
+            return 0, self.pool_size
+        return pool.get_size() - pool.get_idle_size(), pool.get_max_size()
 
     def mark_delivered_nowait(self, mids: list[str], now_ms: int) -> None:
         mids = [mid for mid in mids if _text_ok(mid)]
@@ -996,11 +1085,45 @@ class PostgresStore:
         finally:
             self._counts.clear()
 
+    # -- delivery hints ---------------------------------------------------------------------------
+    # Single statements on a pooled connection, not queued: the hub writes a mark only
+    # after the messages it names are committed (it awaits their enqueue first).
+
+    async def mark_undelivered(self, marks: list[tuple[str, str]], now_ms: int) -> None:
+        latest: dict[str, str] = {}
+        for recipient, mark in marks:
+            _check_text(recipient, mark)
+            latest[recipient] = mark  # one row per recipient and statement: the last mark
+        if not latest:
+            self._check_writable()
+            return
+        recipients = sorted(latest)
+        async with self._conn() as conn:
+            await conn.execute(_SQL_MARK_UNDELIVERED, recipients,
+                               [latest[r] for r in recipients], now_ms)
+
+    async def undelivered(self, limit: int) -> list[Undelivered]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(_SQL_UNDELIVERED, max(limit, 0))
+        return [Undelivered(recipient=r[0], since=r[1], mark=r[2]) for r in rows]
+
+    async def clear_undelivered(self, marks: list[tuple[str, str]]) -> int:
+        marks = [(r, m) for r, m in marks if _text_ok(r) and _text_ok(m)]
+        if not marks:
+            self._check_writable()
+            return 0
+        marks.sort()
+        async with self._conn() as conn:
+            status = await conn.execute(_SQL_CLEAR_UNDELIVERED, [r for r, _ in marks],
+                                        [m for _, m in marks])
+        return int(status.split()[-1])
+
     # -- topic history ------------------------------------------------------------------------
 
-    async def append_history(self, entry: HistoryEntry, keep: int, ttl_ms: int) -> None:
+    async def append_history(self, entry: HistoryEntry, keep: int, ttl_ms: int) -> int:
         _check_text(entry.topic, entry.mid, entry.sender)
-        await self._submit(_HISTORY, (entry, keep, ttl_ms))
+        seq: int = await self._submit(_HISTORY, (entry, keep, ttl_ms))
+        return seq
 
     async def history_since(self, topic: str, since: int, now_ms: int,
                             ttl_ms: int) -> list[HistoryEntry]:
@@ -1255,6 +1378,16 @@ class PostgresStore:
             _log.warning("store_batch_failed", extra={"error": str(exc), "items": len(items)})
             # One exception object per caller: each await appends its own traceback.
             outcomes = [(item, None, _copy(exc)) for item in items]
+            if isinstance(exc.__cause__, TimeoutError) and self._queue:
+                # The server did not answer in time: what queued meanwhile would wait as
+                # long again, batch after batch, for the same answer. It fails with this
+                # batch, so a call waits about one timeout at most (hub/breaker.py stops
+                # new calls). `items` grows: the writer's `batch[-1].no` covers them.
+                behind = list(self._queue)
+                self._queue.clear()
+                self._awaited = self._nowait = 0
+                items.extend(behind)
+                outcomes += [(item, None, _copy(exc)) for item in behind]
         except Exception as exc:  # a bug: fail this batch loudly, keep the writer alive
             _log.exception("store_batch_crashed")
             outcomes = [(item, None, _unavailable(exc)) for item in items]
@@ -1299,10 +1432,16 @@ class PostgresStore:
                 outcomes = await self._apply(conn, batch)
             except BaseException as exc:
                 self._counts.clear()  # it may count rows that are rolled back now
-                await _rollback(conn)
+                if isinstance(exc, TimeoutError):
+                    # No answer in command_timeout_s: a ROLLBACK would wait as long again
+                    # (a 2 s timeout became 4 s). Dropping the connection rolls back too.
+                    _terminate(conn)
+                else:
+                    await _rollback(conn)
                 if _is_item_error(exc):
                     raise _ItemFailure(_item_error(exc)) from exc
                 raise
+            committing = time.monotonic()
             try:
                 await conn.execute("COMMIT")
             except BaseException as exc:
@@ -1313,7 +1452,7 @@ class PostgresStore:
                 # The COMMIT may or may not have happened: ask the server once it answers.
                 _log.warning("store_commit_in_doubt", extra={"error": repr(exc),
                                                              "items": len(items)})
-                self._spawn_resolver(xid, outcomes)
+                self._spawn_resolver(xid, outcomes, committing)
                 _terminate(conn)  # whatever state it is in, it is not reused
                 if isinstance(exc, asyncio.CancelledError):
                     raise
@@ -1326,9 +1465,9 @@ class PostgresStore:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    def _spawn_resolver(self, xid: int, outcomes: list[_Outcome]) -> None:
+    def _spawn_resolver(self, xid: int, outcomes: list[_Outcome], since: float) -> None:
         self.in_doubt += 1
-        self._spawn(self._resolve_in_doubt(xid, outcomes), self._resolvers)
+        self._spawn(self._resolve_in_doubt(xid, outcomes, since), self._resolvers)
 
     async def _txid_status(self, xid: int) -> str | None:
         try:
@@ -1337,15 +1476,21 @@ class PostgresStore:
         except StoreError:
             return None  # still unreachable
 
-    async def _resolve_in_doubt(self, xid: int, outcomes: list[_Outcome]) -> None:
+    async def _resolve_in_doubt(self, xid: int, outcomes: list[_Outcome],
+                                since: float) -> None:
         """Learn whether transaction `xid` committed, then answer its callers: their
-        results if it did, StoreUnavailable if it did not, or is still unknown after
-        `in_doubt_timeout_s` (the callers cannot wait forever)."""
-        deadline = time.monotonic() + self.in_doubt_timeout_s
+        results if it did, StoreUnavailable if it did not, or is still unknown
+        `in_doubt_timeout_s` after the COMMIT was sent (`since`, monotonic: the callers
+        cannot wait forever, and a COMMIT that timed out used that time already)."""
+        deadline = since + self.in_doubt_timeout_s
         status: str | None = None
         try:
-            while time.monotonic() < deadline:
-                status = await self._txid_status(xid)
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    async with asyncio.timeout(remaining):
+                        status = await self._txid_status(xid)
+                except TimeoutError:
+                    break
                 if status in ("committed", "aborted"):
                     break
                 # Unreachable, or "in progress": the server has not yet noticed the lost
@@ -1518,6 +1663,17 @@ class PostgresStore:
         # (and keeps nothing), so only the entries after the last such one are inserted;
         # then the topic is trimmed to the keep of its last entry and the latest ttl
         # cutoff (keep and ttl are configuration: the same for every call in practice).
+        # The sequence numbers first, in call order per topic (entry.seq is ignored).
+        counts: dict[str, int] = {}
+        for item in items:
+            topic = item.args[0].topic
+            counts[topic] = counts.get(topic, 0) + 1
+        rows = await conn.fetch(_SQL_TAKE_SEQS, list(counts), list(counts.values()))
+        next_seq = {row[0]: row[1] - counts[row[0]] + 1 for row in rows}
+        for item in items:
+            entry, keep, ttl_ms = item.args
+            item.args = (dataclasses.replace(entry, seq=next_seq[entry.topic]), keep, ttl_ms)
+            next_seq[entry.topic] += 1
         groups: dict[str, list[_Item]] = {}
         for item in items:
             groups.setdefault(item.args[0].topic, []).append(item)
@@ -1533,9 +1689,6 @@ class PostgresStore:
             if kept:
                 cutoff = max(it.args[0].ts - it.args[2] for it in kept)
                 trim[topic] = (kept[-1].args[1], cutoff)
-        entries = [item.args[0] for item in items]
-        await conn.execute(_SQL_UPSERT_TOPICS, [e.topic for e in entries],
-                           [e.seq for e in entries])
         if clear:
             await conn.execute(_SQL_CLEAR_HISTORY, clear)
         inserted: set[tuple[str, int]] = set()
@@ -1568,7 +1721,7 @@ class PostgresStore:
                 outcomes.append((item, None, _duplicate("history seq")))
             else:
                 taken.add(key)
-                outcomes.append((item, None, None))
+                outcomes.append((item, e.seq, None))
 
 
 def _terminate(conn: Any) -> None:

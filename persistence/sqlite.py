@@ -47,9 +47,11 @@ from persistence.store import (
     MessageState,
     NodeRecord,
     QueueFull,
+    Revocation,
     StoredMessage,
     StoreError,
     StoreUnavailable,
+    Undelivered,
 )
 
 __all__ = ["SqliteStore", "parse_sqlite_url"]
@@ -250,6 +252,56 @@ def _op_list_nodes(conn: sqlite3.Connection, limit: int, after: str | None) -> l
     return [_node(row) for row in rows]
 
 
+
+def _op_forget_node(conn: sqlite3.Connection, counts: PendingCounts, node_id: str,
+                    now_ms: int) -> bool:
+    row = conn.execute("SELECT banned FROM nodes WHERE id = ?", (node_id,)).fetchone()
+    if row is not None and row[0]:  # a ban outlives the forgetting
+        conn.execute("UPDATE nodes SET registered = 0, meta = '{}', key = NULL WHERE id = ?",
+                     (node_id,))
+    elif row is not None:
+        conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+    expired = conn.execute(
+        "UPDATE messages SET expires = ? WHERE recipient = ? AND acked IS NULL AND expires > ?",
+        (now_ms, node_id, now_ms)).rowcount
+    counts.clear()  # the recipient's cached count no longer holds
+    return row is not None or expired > 0
+
+
+_REVOCATION_COLUMNS = "id, kind, subject, issued_before, created, expires"
+
+
+def _revocation(row: tuple[Any, ...]) -> Revocation:
+    return Revocation(id=row[0], kind=row[1], subject=row[2], issued_before=row[3],
+                      created=row[4], expires=row[5])
+
+
+def _op_add_revocation(conn: sqlite3.Connection, kind: str, subject: str,
+                       issued_before: int | None, expires: int, now_ms: int) -> Revocation:
+    conn.execute("DELETE FROM revocations WHERE expires <= ?", (now_ms,))
+    old = conn.execute("SELECT issued_before, expires FROM revocations"
+                       " WHERE kind = ? AND subject = ?", (kind, subject)).fetchone()
+    if old is not None:
+        # Delete and insert: AUTOINCREMENT gives the merged row an id above every other.
+        conn.execute("DELETE FROM revocations WHERE kind = ? AND subject = ?", (kind, subject))
+        if old[0] is not None:
+            issued_before = old[0] if issued_before is None else max(old[0], issued_before)
+        expires = max(old[1], expires)
+    row = conn.execute(
+        "INSERT INTO revocations (kind, subject, issued_before, created, expires)"
+        f" VALUES (?, ?, ?, ?, ?) RETURNING {_REVOCATION_COLUMNS}",
+        (kind, subject, issued_before, now_ms, expires)).fetchone()
+    return _revocation(row)
+
+
+def _op_revocations_since(conn: sqlite3.Connection, after_id: int, now_ms: int,
+                          limit: int) -> list[Revocation]:
+    rows = conn.execute(f"SELECT {_REVOCATION_COLUMNS} FROM revocations"
+                        " WHERE id > ? AND expires > ? ORDER BY id LIMIT ?",
+                        (after_id, now_ms, limit))
+    return [_revocation(row) for row in rows]
+
+
 _NEVER = 2**63 - 1
 
 
@@ -346,6 +398,13 @@ def _op_count_pending(conn: sqlite3.Connection, node_id: str, now_ms: int) -> in
     return int(count)
 
 
+def _op_pending_total(conn: sqlite3.Connection, now_ms: int) -> int:
+    (count,) = conn.execute(
+        "SELECT COUNT(*) FROM messages WHERE acked IS NULL AND expires > ?", (now_ms,)
+    ).fetchone()
+    return int(count)
+
+
 def _op_mark_delivered(conn: sqlite3.Connection, mids: list[str], now_ms: int) -> None:
     # The first delivery time is kept; a redelivery does not move it.
     conn.executemany(
@@ -406,19 +465,48 @@ def _op_purge_expired(conn: sqlite3.Connection, counts: PendingCounts, now_ms: i
     return cur.rowcount
 
 
-def _op_append_history(conn: sqlite3.Connection, entry: HistoryEntry, keep: int,
-                       ttl_ms: int) -> None:
-    conn.execute(
-        "INSERT INTO topics (name, last_seq) VALUES (?, ?)"
-        " ON CONFLICT (name) DO UPDATE SET last_seq = MAX(topics.last_seq, excluded.last_seq)",
-        (entry.topic, entry.seq),
+def _op_mark_undelivered(conn: sqlite3.Connection, marks: list[tuple[str, str]],
+                         now_ms: int) -> None:
+    conn.executemany(
+        "INSERT INTO undelivered (recipient, since, mark) VALUES (?, ?, ?)"
+        " ON CONFLICT (recipient) DO UPDATE SET mark = excluded.mark",
+        [(recipient, now_ms, mark) for recipient, mark in marks],
     )
+
+
+def _op_undelivered(conn: sqlite3.Connection, limit: int) -> list[Undelivered]:
+    rows = conn.execute(
+        "SELECT recipient, since, mark FROM undelivered ORDER BY since, recipient LIMIT ?",
+        (limit,),
+    )
+    return [Undelivered(recipient=r[0], since=r[1], mark=r[2]) for r in rows]
+
+
+def _op_clear_undelivered(conn: sqlite3.Connection, marks: list[tuple[str, str]]) -> int:
+    cleared = 0
+    for recipient, mark in marks:
+        cur = conn.execute("DELETE FROM undelivered WHERE recipient = ? AND mark = ?",
+                           (recipient, mark))
+        cleared += cur.rowcount
+    return cleared
+
+
+def _op_append_history(conn: sqlite3.Connection, entry: HistoryEntry, keep: int,
+                       ttl_ms: int) -> int:
+    # The sequence number is taken in the transaction that keeps the entry (entry.seq
+    # is ignored): docs/protocol.md §6, numbered by the store, with or without a broker.
+    seq = int(conn.execute(
+        "INSERT INTO topics (name, last_seq) VALUES (?, 1)"
+        " ON CONFLICT (name) DO UPDATE SET last_seq = topics.last_seq + 1"
+        " RETURNING last_seq",
+        (entry.topic,),
+    ).fetchone()[0])
     if keep <= 0:
         conn.execute("DELETE FROM history WHERE topic = ?", (entry.topic,))
-        return
+        return seq
     conn.execute(
         f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-        (entry.topic, entry.seq, entry.mid, entry.sender, entry.body, entry.ts),
+        (entry.topic, seq, entry.mid, entry.sender, entry.body, entry.ts),
     )
     # Oldest first beyond `keep`, and anything older than the ttl (entry.ts is "now").
     conn.execute(
@@ -426,6 +514,7 @@ def _op_append_history(conn: sqlite3.Connection, entry: HistoryEntry, keep: int,
         " SELECT seq FROM history WHERE topic = :topic ORDER BY seq DESC LIMIT 1 OFFSET :keep))",
         {"topic": entry.topic, "cutoff": entry.ts - ttl_ms, "keep": keep},
     )
+    return seq
 
 
 def _op_history_since(conn: sqlite3.Connection, topic: str, since: int, now_ms: int,
@@ -554,6 +643,7 @@ class SqliteStore:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._dead = False  # the thread stopped (close, or a crash)
+        self._busy = False  # the store thread is running a batch (pool_usage)
 
     @property
     def nowait_dropped(self) -> int:
@@ -624,6 +714,20 @@ class SqliteStore:
         # max(): SQLite reads a negative LIMIT as "no limit".
         return await self._call(_op_list_nodes, max(limit, 0), after)
 
+    async def forget_node(self, node_id: str, now_ms: int) -> bool:
+        return await self._call(_op_forget_node, self._counts, node_id, now_ms)
+
+    # -- token revocations ------------------------------------------------------------------
+
+    async def add_revocation(self, kind: str, subject: str, issued_before: int | None,
+                             expires: int, now_ms: int) -> Revocation:
+        return await self._call(_op_add_revocation, kind, subject, issued_before, expires,
+                                now_ms)
+
+    async def revocations_since(self, after_id: int, now_ms: int,
+                                limit: int) -> list[Revocation]:
+        return await self._call(_op_revocations_since, after_id, now_ms, max(limit, 0))
+
     # -- QoS 1 queues -----------------------------------------------------------------------
 
     async def enqueue(self, msg: StoredMessage, max_pending: int) -> None:
@@ -635,6 +739,12 @@ class SqliteStore:
 
     async def count_pending(self, node_id: str, now_ms: int) -> int:
         return await self._call(_op_count_pending, node_id, now_ms)
+
+    async def pending_total(self, now_ms: int) -> int:
+        return await self._call(_op_pending_total, now_ms)
+
+    def pool_usage(self) -> tuple[int, int]:
+        return (1 if self._busy else 0), 1  # one connection, owned by the store thread
 
     def mark_delivered_nowait(self, mids: list[str], now_ms: int) -> None:
         if mids:
@@ -652,10 +762,28 @@ class SqliteStore:
     async def purge_expired(self, now_ms: int) -> int:
         return await self._call(_op_purge_expired, self._counts, now_ms)
 
+    # -- delivery hints -----------------------------------------------------------------------
+
+    async def mark_undelivered(self, marks: list[tuple[str, str]], now_ms: int) -> None:
+        if marks:
+            await self._call(_op_mark_undelivered, list(marks), now_ms)
+        else:
+            self._check_usable()
+
+    async def undelivered(self, limit: int) -> list[Undelivered]:
+        return await self._call(_op_undelivered, max(limit, 0))
+
+    async def clear_undelivered(self, marks: list[tuple[str, str]]) -> int:
+        if not marks:
+            self._check_usable()
+            return 0
+        return await self._call(_op_clear_undelivered, list(marks))
+
     # -- topic history ------------------------------------------------------------------------
 
-    async def append_history(self, entry: HistoryEntry, keep: int, ttl_ms: int) -> None:
-        await self._call(_op_append_history, entry, keep, ttl_ms)
+    async def append_history(self, entry: HistoryEntry, keep: int, ttl_ms: int) -> int:
+        seq: int = await self._call(_op_append_history, entry, keep, ttl_ms)
+        return seq
 
     async def history_since(self, topic: str, since: int, now_ms: int,
                             ttl_ms: int) -> list[HistoryEntry]:
@@ -789,7 +917,9 @@ class SqliteStore:
         try:
             while stop is None:
                 batch = self._take()
+                self._busy = True
                 stop = self._process(conn, batch)
+                self._busy = False
                 batch = []
         except BaseException as exc:  # a bug: fail loudly, never leave a caller waiting
             _log.exception("store_thread_crashed")

@@ -22,8 +22,8 @@ Guarantees every implementation gives:
   nor counted by `count_pending()`; its state reads `expired`.
 - **Bounded history.** `append_history` keeps at most `topic_history` entries per topic
   (oldest dropped first) and entries older than `topic_history_ttl_s` are dropped.
-  The last sequence number of a topic survives trimming (`last_seq`), so a restarted
-  single instance never reuses a `seq`.
+  The last sequence number of a topic survives trimming (`last_seq`), so no `seq` is
+  ever reused. Sequences are taken by the store, atomically with the append.
 - **Failure.** A backend that cannot be reached raises `StoreUnavailable` (the hub
   answers `error unavailable`: the frame was NOT accepted), promptly (seconds at most),
   and the store recovers by itself when the backend returns. A call whose commit was cut
@@ -47,10 +47,12 @@ __all__ = [
     "MessageState",
     "NodeRecord",
     "QueueFull",
+    "Revocation",
     "Store",
     "StoreError",
     "StoreUnavailable",
     "StoredMessage",
+    "Undelivered",
 ]
 
 # Acked rows are kept this long so `message_state` can still answer "acked"; every
@@ -125,6 +127,28 @@ class HistoryEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Undelivered:
+    """A recipient with QoS 1 messages stored that the broker could not carry."""
+
+    recipient: str
+    since: int  # ms, when it was first marked
+    mark: str  # the mid of the latest message marked
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked node token: kind "jti" (one token, `subject` its jti) or "node" (every
+    token of node `subject` whose iat, in ms, is before `issued_before`)."""
+
+    id: int
+    kind: str
+    subject: str
+    issued_before: int | None  # ms; "node" only
+    created: int  # ms
+    expires: int  # ms; the row is forgotten after this
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     id: int
     ts: int
@@ -169,6 +193,27 @@ class Store(Protocol):
     async def list_nodes(self, limit: int, after: str | None) -> list[NodeRecord]:
         """Nodes ordered by id, those with id > `after`, at most `limit`."""
 
+    async def forget_node(self, node_id: str, now_ms: int) -> bool:
+        """Forget what is known of a node (registration, meta, key): its row goes, or,
+        when it is banned, stays with the ban alone. Its unacked QoS 1 messages expire
+        at `now_ms` (state `expired`; never delivered again), also those enqueued
+        before this call and not yet committed. Returns False when there was neither a
+        row nor a pending message."""
+
+    # -- token revocations (docs/protocol.md §2.4) -------------------------------------
+
+    async def add_revocation(self, kind: str, subject: str, issued_before: int | None,
+                             expires: int, now_ms: int) -> Revocation:
+        """Store durably, before returning, one revocation (`kind` "jti" or "node"),
+        merged with the row of the same (kind, subject): the later `issued_before` and
+        `expires` win. The row gets an id above every id before it, and rows become
+        visible in id order, so a reader paging with `revocations_since` never skips
+        one. Rows expired at `now_ms` are deleted."""
+
+    async def revocations_since(self, after_id: int, now_ms: int,
+                                limit: int) -> list[Revocation]:
+        """Unexpired revocations with id > `after_id`, by id, at most `limit`."""
+
     # -- QoS 1 queues ---------------------------------------------------------------
 
     async def enqueue(self, msg: StoredMessage, max_pending: int) -> None:
@@ -181,6 +226,14 @@ class Store(Protocol):
         after the message `after_mid` (None: from the start), at most `limit`."""
 
     async def count_pending(self, node_id: str, now_ms: int) -> int: ...
+
+    async def pending_total(self, now_ms: int) -> int:
+        """Unacked, unexpired messages of every recipient (the QoS 1 backlog gauge,
+        sampled every few seconds): one query, not ordered after queued writes."""
+
+    def pool_usage(self) -> tuple[int, int]:
+        """(connections in use, most connections the store holds), for the metrics;
+        no I/O, never raises."""
 
     def mark_delivered_nowait(self, mids: list[str], now_ms: int) -> None:
         """Record that these messages were written to the recipient (state
@@ -195,11 +248,29 @@ class Store(Protocol):
     async def purge_expired(self, now_ms: int) -> int:
         """Delete expired and long-acked rows (housekeeping); return how many."""
 
+    # -- delivery hints (docs/protocol.md §5: delivered while the recipient is online) --
+
+    async def mark_undelivered(self, marks: list[tuple[str, str]], now_ms: int) -> None:
+        """Note durably, before returning, each (recipient, mark): the recipient has
+        QoS 1 messages stored that the broker could not carry, the latest of them
+        `mark`. One row per recipient, whoever writes it: `since` is kept from the first
+        mark, `mark` replaced. Written after the messages themselves are stored."""
+
+    async def undelivered(self, limit: int) -> list[Undelivered]:
+        """At most `limit` marks, oldest `since` first."""
+
+    async def clear_undelivered(self, marks: list[tuple[str, str]]) -> int:
+        """Delete the rows whose recipient and mark both match (a recipient marked again
+        meanwhile keeps its row); return how many."""
+
     # -- topic history ----------------------------------------------------------------
 
-    async def append_history(self, entry: HistoryEntry, keep: int, ttl_ms: int) -> None:
-        """Keep `entry` (group-committed) and trim the topic to `keep` entries; record
-        `entry.seq` as the topic's last sequence. `keep` = 0 keeps only the sequence."""
+    async def append_history(self, entry: HistoryEntry, keep: int, ttl_ms: int) -> int:
+        """Number `entry` (its `seq` is ignored) with the topic's next sequence, 1, 2, 3,
+        ..., taken in the same transaction that keeps it, and return that number; trim
+        the topic to `keep` entries (`keep` = 0 keeps only the sequence). A topic's
+        numbers commit in order, whichever process takes them, so once seq N is visible
+        every seq below N is too (docs/protocol.md §6)."""
 
     async def history_since(self, topic: str, since: int, now_ms: int,
                             ttl_ms: int) -> list[HistoryEntry]:

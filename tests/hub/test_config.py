@@ -106,7 +106,7 @@ def test_config_keys_and_effective_limits() -> None:
     keys = config_keys()
     assert list(keys) == ["server", "auth", "admin", "limits", "store", "broker", "log"]
     assert keys["server"][:4] == ["hub_id", "instance_id", "ws_host", "ws_port"]
-    assert keys["broker"] == ["url"]
+    assert keys["broker"] == ["url", "breaker_failures", "breaker_window_s", "breaker_open_s"]
     assert effective_limits(Config()) == {
         "max_frame_bytes": 131072,
         "max_body_bytes": 65536,
@@ -246,7 +246,10 @@ def test_unknown_key_in_file_names_it(tmp_path: Path, text: str, expected: str) 
         ('[store]\nurl = "sqlite://"\n', "store.url:"),
         ('[broker]\nurl = "kafka://h"\n', "broker.url: must be memory:// or redis://"),
         ('[log]\nlevel = "verbose"\n', "log.level: must be one of 'debug', 'info'"),
-        ('[log]\nformat = "xml"\n', "log.format: must be one of 'json', 'text'"),
+        ('[log]\nformat = "xml"\n', "log.format: must be one of 'json', 'text', 'ecs'"),
+        ("[store]\ntimeout_s = 0\n", "store.timeout_s: must be a number > 0 and <= 60"),
+        ("[store]\nbreaker_open_s = -1\n", "store.breaker_open_s: must be a number > 0"),
+        ("[broker]\nbreaker_failures = 0\n", "broker.breaker_failures: must be an integer >= 1"),
         ("server = 1\n", "server: must be a table"),
     ],
 )

@@ -518,3 +518,16 @@ async def test_sub_since_out_of_range_is_bad_frame(make_hub: Any, since: int) ->
     assert (ok["t"], ok["recovered"]) == ("ok", True)
     await node.close()
 
+
+
+async def test_upgrade_responses_name_no_software_versions(make_hub: Any) -> None:
+    """The upgrade's `Server` header said `Python/3.11 websockets/17.4`: an attacker's
+    version scan for free. Accepted and refused upgrades alike say `openred-hub`."""
+    h = await make_hub()
+    for path in ("/v1/ws", "/nowhere"):
+        raw = await Raw.connect(h.ws_port)
+        raw.send(Raw.request().replace(b"/v1/ws", path.encode(), 1))
+        head = (await raw.r.readuntil(b"\r\n\r\n")).decode().lower()
+        assert "server: openred-hub\r\n" in head
+        assert "python" not in head and "websockets" not in head
+        raw.abort()

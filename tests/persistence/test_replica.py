@@ -324,7 +324,7 @@ async def test_a_hub_configured_with_read_url_serves_admin_lists_from_the_replic
         "store.read_url": pair.replica.dsn})
     async with RunningHub(cfg) as h:
         assert h.node is not None
-        store = h.node.store
+        store = h.store  # the store itself (h.node.store is its guard, hub/breaker.py)
         assert isinstance(store, PostgresStore) and store.read_url == pair.replica.dsn
         store.replica_retry_s = 0.2
         await store.node_seen("node-old", None, None, _now_ms())

@@ -185,6 +185,19 @@ async def test_count_pending_skips_acked_and_expired(store: Store) -> None:
     assert await store.count_pending("nobody", NOW) == 0
 
 
+async def test_pending_total_and_pool_usage(store: Store) -> None:
+    """The backlog gauge and the pool gauges of hub/metrics.py."""
+    assert await store.pending_total(NOW) == 0
+    await store.enqueue(msg(1), 10)
+    await store.enqueue(msg(2, ttl_ms=SECOND_MS), 10)
+    await store.enqueue(msg(3, to="carol"), 10)
+    await store.ack("bob", [msg(1).mid], NOW)
+    assert await store.pending_total(NOW) == 2  # acked left, every recipient counted
+    assert await store.pending_total(NOW + SECOND_MS) == 1  # expired left
+    in_use, size = store.pool_usage()
+    assert size >= 1 and 0 <= in_use <= size
+
+
 async def test_queue_full_at_the_bound(store: Store) -> None:
     for i in range(5):
         await store.enqueue(msg(i), 5)
@@ -383,7 +396,8 @@ async def test_state_survives_close_and_reopen(store_factory: StoreFactory) -> N
     for i in range(3):
         await store.enqueue(msg(i), 10)
     await store.ack("bob", [msg(0).mid], NOW)
-    await store.append_history(HistoryEntry("t", 7, "h7", "alice", b"x", NOW), 10, HOUR_MS)
+    for _ in range(7):  # the store numbers them: 1..7
+        await store.append_history(HistoryEntry("t", 0, "h7", "alice", b"x", NOW), 1, HOUR_MS)
     store.audit_nowait("ban", "alice", "127.0.0.1", {"by": "op"}, NOW)
     await store.close()  # flushes the audit event
 
@@ -507,9 +521,22 @@ async def test_last_seq_survives_trimming_and_keep_zero(store: Store) -> None:
     await store.append_history(entry(5), 0, HOUR_MS)  # history turned off: entries go
     assert await store.history_since("news", 0, NOW, HOUR_MS) == []
     assert await store.last_seq("news") == 5
-    # The sequence never goes back.
-    await store.append_history(entry(2, topic="news"), 0, HOUR_MS)
-    assert await store.last_seq("news") == 5
+    # The store numbers: an entry's own seq is ignored, and the sequence never goes back.
+    assert await store.append_history(entry(2, topic="news"), 0, HOUR_MS) == 6
+    assert await store.last_seq("news") == 6
+
+
+async def test_append_history_numbers_each_topic_in_call_order(store: Store) -> None:
+    """docs/protocol.md §6: the store takes the topic's next seq in the transaction that
+    keeps the entry, so concurrent appends get 1, 2, 3, ... with no gap or repeat."""
+    seqs = await asyncio.gather(*(store.append_history(entry(0, topic=t), 100, HOUR_MS)
+                                  for t in ["a", "b", "a", "a", "b"] * 20))
+    by_topic: dict[str, list[int]] = {"a": [], "b": []}
+    for t, seq in zip(["a", "b", "a", "a", "b"] * 20, seqs, strict=True):
+        by_topic[t].append(seq)
+    assert by_topic["a"] == list(range(1, 61)) and by_topic["b"] == list(range(1, 41))
+    assert [e.seq for e in await store.history_since("a", 58, NOW, HOUR_MS)] == [59, 60]
+    assert await store.last_seq("a") == 60
 
 
 async def test_history_appends_are_group_committed_in_order(store: Store) -> None:
@@ -561,6 +588,53 @@ async def test_audit_nowait_never_raises_on_odd_detail(store: Store) -> None:
     # The odd value is recorded as text; the circular one is dropped (and counted).
     events = await store.audit_query(None, "admin_call", None, 10, None)
     assert [list(e.detail) for e in events] == [["when"]]
+
+
+# -- delivery hints -------------------------------------------------------------------------------
+
+
+async def test_undelivered_marks_one_row_per_recipient(store: Store) -> None:
+    """One row per recipient: `since` kept from the first mark, `mark` replaced (also
+    within one call), oldest `since` first, bounded by `limit`."""
+    assert await store.undelivered(10) == []
+    await store.mark_undelivered([("bob", "m1"), ("carol", "m2")], NOW)
+    await store.mark_undelivered([("bob", "m3"), ("dave", "m4"), ("dave", "m5")], NOW + 5)
+    rows = await store.undelivered(10)
+    assert [(u.recipient, u.since, u.mark) for u in rows] == [
+        ("bob", NOW, "m3"), ("carol", NOW, "m2"), ("dave", NOW + 5, "m5")]
+    assert [u.recipient for u in await store.undelivered(2)] == ["bob", "carol"]
+    await store.mark_undelivered([], NOW)  # nothing to do, not an error
+
+
+async def test_undelivered_clear_needs_the_mark_read(store: Store) -> None:
+    """A row is cleared only with the mark that was read: a recipient marked again after
+    the read (a message stored after the hint went out) keeps its row."""
+    await store.mark_undelivered([("bob", "m1"), ("carol", "m2")], NOW)
+    read = [(u.recipient, u.mark) for u in await store.undelivered(10)]
+    await store.mark_undelivered([("carol", "m9")], NOW + 1)
+    assert await store.clear_undelivered(read) == 1
+    rows = await store.undelivered(10)
+    assert [(u.recipient, u.since, u.mark) for u in rows] == [("carol", NOW, "m9")]
+    assert await store.clear_undelivered([("carol", "m2"), ("nobody", "m1")]) == 0
+    assert await store.clear_undelivered([("carol", "m9")]) == 1
+    assert await store.undelivered(10) == []
+    assert await store.clear_undelivered([]) == 0
+
+
+async def test_undelivered_marks_survive_a_reopen(store_factory: StoreFactory) -> None:
+    """Durable before return: what another process (a restarted hub) finds."""
+    store = store_factory.make()
+    await store.open()
+    try:
+        await store.mark_undelivered([("bob", "m1")], NOW)
+    finally:
+        await store.close()
+    again = store_factory.make()
+    await again.open()
+    try:
+        assert [(u.recipient, u.mark) for u in await again.undelivered(10)] == [("bob", "m1")]
+    finally:
+        await again.close()
 
 
 # -- migrations and lifecycle ---------------------------------------------------------------------
@@ -648,6 +722,11 @@ async def test_closed_store_raises_unavailable(store_factory: StoreFactory) -> N
         store.ack("bob", [], NOW),
         store.message_state("x", NOW),
         store.purge_expired(NOW),
+        store.mark_undelivered([("bob", "m1")], NOW),
+        store.mark_undelivered([], NOW),
+        store.undelivered(10),
+        store.clear_undelivered([("bob", "m1")]),
+        store.clear_undelivered([]),
         store.append_history(entry(1), 10, HOUR_MS),
         store.history_since("news", 0, NOW, HOUR_MS),
         store.last_seq("news"),
