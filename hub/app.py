@@ -181,7 +181,7 @@ def guard_backends(cfg: Config, store: Store, metrics: Metrics) -> tuple[Store, 
     guarded: Store = GuardedStore(store, breaker("store", cfg.store), metrics,
                                   cfg.store.timeout_s)
     metrics.store_pool = store.pool_usage
-    broker = open_broker(cfg.broker.url, seed=guarded.last_seq, hub_id=cfg.server.hub_id)
+    broker = open_broker(cfg.broker.url, hub_id=cfg.server.hub_id)
     broker_breaker = breaker("broker", cfg.broker)
     if not cfg.broker.url.startswith("memory:"):
         broker = GuardedBroker(broker, broker_breaker, metrics)

@@ -7,22 +7,18 @@ backend imports the contract: the factory sits above both, so neither imports th
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from hub.broker import Broker, MemoryBroker
 
 __all__ = ["open_broker"]
 
 
-def open_broker(url: str, seed: Callable[[str], Awaitable[int]] | None = None,
-                hub_id: str = "openred") -> Broker:
-    """Build (not yet started) the broker named by `broker.url`. `seed` gives a topic's
-    last stored sequence (the store's `last_seq`)."""
+def open_broker(url: str, hub_id: str = "openred") -> Broker:
+    """Build (not yet started) the broker named by `broker.url`."""
     if url.startswith("memory:"):
-        return MemoryBroker(seed)
+        return MemoryBroker()
     if url.startswith(("redis://", "rediss://")):
         from hub.broker_redis import RedisBroker
 
-        broker: Broker = RedisBroker(url, hub_id=hub_id, seed=seed)
+        broker: Broker = RedisBroker(url, hub_id=hub_id)
         return broker
     raise ValueError(f"broker.url: unsupported scheme {url.split(':', 1)[0]!r}")

@@ -1,4 +1,4 @@
-"""The `Broker` contract (cross-instance routing, cluster presence, topic sequences) and
+"""The `Broker` contract (cross-instance routing, cluster presence, claims) and
 its in-process `memory` implementation. `backends.py` picks one from `broker.url`.
 
 The router always asks its local registry first and the broker second, so a single
@@ -6,9 +6,8 @@ process and a cluster take the same code path; only the broker behind it differs
 
 Contract every implementation keeps (checked by one conformance suite):
 
-- `next_seq(topic)` returns 1, 2, 3, ... for a topic, cluster wide, never reusing a
-  value, also across restarts (the memory broker seeds each topic from the store's
-  `last_seq` the first time it sees it).
+- Topic sequences are not the broker's: the store numbers a publication with its
+  history append (persistence/store.py), so topics need no broker to be numbered.
 - `publish_to_node` delivers the frame to the instance holding the node's session, in
   call order per (caller, node); it returns False when no instance holds the node.
   It never delivers to the calling instance (the router already looked there).
@@ -30,8 +29,8 @@ Contract every implementation keeps (checked by one conformance suite):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 __all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "MemoryBroker"]
 
@@ -64,11 +63,6 @@ class Broker(Protocol):
     async def ping(self) -> None:
         """Return when the backend answers; raise BrokerUnavailable otherwise."""
 
-    async def next_seq(self, topic: str) -> int: ...
-
-    async def last_seq(self, topic: str) -> int:
-        """The topic's current sequence (0 before the first publish)."""
-
     async def claim(self, node_id: str, session_id: str) -> None: ...
 
     async def reassert(self, claims: list[tuple[str, str]]) -> list[str | None]:
@@ -98,14 +92,7 @@ class Broker(Protocol):
 
 
 class MemoryBroker:
-    """One process, no other instance: routing beyond the local registry finds nobody,
-    and topic sequences live here, seeded from the store so a restart never reuses one."""
-
-    def __init__(self, seed: Callable[[str], Awaitable[int]] | None = None) -> None:
-        self._seq: dict[str, int] = {}
-        self._seeding: dict[str, asyncio.Future[int]] = {}
-        self._ordered: dict[str, list[Any]] = {}  # topic -> [lock, callers queued]
-        self._seed = seed
+    """One process, no other instance: routing beyond the local registry finds nobody."""
 
     async def start(self, instance_id: str, handler: BrokerHandler) -> None:
         self.instance_id = instance_id
@@ -115,74 +102,6 @@ class MemoryBroker:
 
     async def ping(self) -> None:
         pass
-
-    async def next_seq(self, topic: str) -> int:
-        seq = self._seq.get(topic)
-        if seq is not None and topic not in self._ordered:
-            seq += 1  # the hot path: no await, so callers get sequences in call order
-            self._seq[topic] = seq
-            return seq
-        # The topic's sequence must be read from the store first. Everyone who asks
-        # meanwhile queues on one lock (asyncio.Lock is FIFO and lets no newcomer pass a
-        # waiter), so sequences follow call order, also for callers that arrive after
-        # the read finished but before the earlier waiters resumed.
-        entry = self._ordered.get(topic)
-        if entry is None:
-            entry = self._ordered[topic] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        async with entry[0]:
-            try:
-                seq = self._seq.get(topic)
-                if seq is None:
-                    seq = await self.last_seq(topic)
-                seq += 1
-                self._seq[topic] = seq
-                return seq
-            finally:
-                entry[1] -= 1
-                if entry[1] == 0 and self._ordered.get(topic) is entry:
-                    del self._ordered[topic]
-
-    async def last_seq(self, topic: str) -> int:
-        seq = self._seq.get(topic)
-        if seq is not None:
-            return seq
-        # One store read per topic, shared by every caller that arrives meanwhile, so
-        # concurrent first publishes get their sequences in call order.
-        seeding = self._seeding.get(topic)
-        if seeding is None:
-            seeding = asyncio.ensure_future(self._read_seed(topic))
-            self._seeding[topic] = seeding
-        try:
-            seeded = await asyncio.shield(seeding)
-        finally:
-            if seeding.done():
-                self._seeding.pop(topic, None)
-        seq = self._seq.get(topic)
-        if seq is None:
-            self._seq[topic] = seq = seeded
-        return seq
-
-    async def _read_seed(self, topic: str) -> int:
-        return await self._seed(topic) if self._seed is not None else 0
-
-    async def trim(self, max_topics: int) -> int:
-        """Keep the sequence table bounded: past `max_topics` entries, drop the oldest
-        ones whose value the store already holds (so re-seeding them later can never
-        reuse a sequence). Returns how many were dropped."""
-        if len(self._seq) <= max_topics or self._seed is None:
-            return 0
-        dropped = 0
-        for topic in list(self._seq)[: len(self._seq) - max_topics]:
-            cached = self._seq.get(topic)
-            if cached is not None and await self._seed(topic) >= cached:
-                if self._seq.get(topic) == cached:
-                    del self._seq[topic]
-                    dropped += 1
-        return dropped
-
-    def __len__(self) -> int:
-        return len(self._seq)
 
     async def claim(self, node_id: str, session_id: str) -> None:
         pass

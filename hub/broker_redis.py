@@ -23,21 +23,14 @@ pipeline (one round trip), and frames bound for the same channel share one PUBLI
 after the other, so frames keep their order per (instance, channel) and thus per
 sender -> recipient.
 
-Everything on the message path (publishes, sequences, the owner record of a claim, the
+Everything on the message path (publishes, the owner record of a claim, the
 pub/sub reader) goes over the broker's own RESP connections (hub/broker_resp.py: two
 per shard, no per-call coroutine stack); redis-py keeps presence, ping and the Cluster
 slot map, and lends its connection settings (credentials, TLS) to those connections.
 
-Topic sequences are Redis counters (INCR in a script, atomic cluster wide) issued in
-call order (one pipeline per loop turn, like publishes): one instance's publications of
-a topic get increasing sequences in the order they were made. A counter is floored by
-the store's last sequence; when the counter is missing (first use, or Redis lost it in
-a restart) the floor is read again from the store, never taken from a cache, so a
-sequence is never reused.
-
-Not promised: topic messages published concurrently on different instances reach a
-subscriber in the order they reach Redis, which may differ from their `seq` order
-(their sequences are still unique and gap-free; one instance's, in order).
+Topics are numbered by the store, not here (hub/node.py `publish`); messages published
+on different instances may reach an instance out of `seq` order, and hub/topic_order.py
+puts them back in order for its subscribers.
 
 Failures: while Redis is unreachable every call raises `BrokerUnavailable` at once
 (nothing waits on connect timeouts); routing resumes as soon as the connections are back
@@ -56,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -75,24 +68,6 @@ MAX_PENDING = 100_000  # frames waiting for the next pipeline; past it, publishe
 OWNER_TTL_S = 86_400
 _NODE, _CONTROL = 0, 1
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
-
-# Atomic "next sequence, never below the store's". ARGV[1] the floor, ARGV[2] "1" when
-# the floor was just read from the store. A missing counter with a cached floor answers
-# -1: the caller reads the floor again (Redis may have lost the counter in a restart).
-_NEXT_SEQ = """
-local v = redis.call('GET', KEYS[1])
-if not v and ARGV[2] ~= '1' then
-  return -1
-end
-v = redis.call('INCR', KEYS[1])
-local floor = tonumber(ARGV[1])
-if v <= floor then
-  v = floor + 1
-  redis.call('SET', KEYS[1], v)
-end
-return v
-"""
-
 
 # A claim re-asserted after an outage (or a failed claim): the owner becomes ARGV[1]
 # unless a newer session owns the node. Session ids are mids: their first 10 characters
@@ -128,28 +103,21 @@ def parse_redis_url(url: str) -> tuple[str, bool]:
 
 
 class RedisBroker:
-    def __init__(self, url: str, *, hub_id: str = "openred",
-                 seed: Callable[[str], Awaitable[int]] | None = None,
-                 pool_size: int = 16) -> None:
+    def __init__(self, url: str, *, hub_id: str = "openred", pool_size: int = 16) -> None:
         self.url = url
         self._url, self.cluster = parse_redis_url(url)
         self.prefix = f"openred:{hub_id}:"
         self._node_prefix = f"{self.prefix}n:".encode()  # channel names as Redis sends them
         self._topic_prefix = f"{self.prefix}t:".encode()
-        self._seed = seed
         self.shards = Shards(self._url, self.cluster, pool_size=pool_size,
                              on_message=self._dispatch, on_state=self._on_shards)
         self._writer: asyncio.Task[None] | None = None
-        self._sequencer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._batch: dict[str, list[Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._queued = 0
-        self._seq_wake = asyncio.Event()
-        self._seq_batch: list[tuple[str, asyncio.Future[int]]] = []
         self._handler: BrokerHandler | None = None
-        self._floors: dict[str, int] = {}
         self.instance_id = ""
         self.up = False
         self.closing = False
@@ -163,16 +131,14 @@ class RedisBroker:
         loop = asyncio.get_running_loop()
         await self.shards.start()
         self._writer = loop.create_task(self._write_loop())
-        self._sequencer = loop.create_task(self._seq_loop())
 
     async def close(self) -> None:
         self.closing = True
 
         def nudge() -> None:  # the idle loops wake up and see `closing`
             self._wake.set()
-            self._seq_wake.set()
 
-        await stop_tasks([t for t in (self._writer, self._sequencer, *self._tasks)
+        await stop_tasks([t for t in (self._writer, *self._tasks)
                           if t is not None], nudge)
         self._fail_waiters()
         await self.shards.close()
@@ -196,90 +162,6 @@ class RedisBroker:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    # -- sequences ----------------------------------------------------------------
-
-    def _seq_key(self, topic: str) -> str:
-        return f"{self.prefix}seq:{topic}"
-
-    async def _fresh_floor(self, topic: str) -> int:
-        floor = await self._seed(topic) if self._seed is not None else 0
-        if len(self._floors) >= 100_000:
-            self._floors.clear()
-        self._floors[topic] = floor
-        return floor
-
-    async def next_seq(self, topic: str) -> int:
-        """Issued in call order: queued here, sent with this loop turn's pipeline."""
-        self._check_up()
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._seq_batch.append((topic, fut))
-        self._seq_wake.set()
-        return await fut
-
-    async def _seq_loop(self) -> None:
-        while not self.closing:
-            await self._seq_wake.wait()
-            self._seq_wake.clear()
-            await asyncio.sleep(0)
-            batch, self._seq_batch = self._seq_batch, []
-            if not batch:
-                continue
-            try:
-                await self._issue(batch)
-            except asyncio.CancelledError:
-                for _, f in batch:
-                    if not f.done():
-                        f.set_exception(BrokerUnavailable("broker closed"))
-                raise
-            except Exception as exc:
-                err = BrokerUnavailable(str(exc)) if isinstance(exc, REDIS_DOWN) else exc
-                for _, f in batch:
-                    if not f.done():
-                        f.set_exception(err)
-
-    async def _issue(self, batch: list[tuple[str, asyncio.Future[int]]]) -> None:
-        floors: dict[str, int] = {}
-        fresh: set[str] = set()
-        for topic in {t for t, _ in batch}:
-            cached = self._floors.get(topic)
-            if cached is None:
-                floors[topic] = await self._fresh_floor(topic)
-                fresh.add(topic)
-            else:
-                floors[topic] = cached
-        todo = batch
-        while todo:
-            results = await self._eval_next_seqs(
-                [(self._seq_key(t), floors[t], t in fresh) for t, _ in todo])
-            again: list[tuple[str, asyncio.Future[int]]] = []
-            for (topic, fut), res in zip(todo, results, strict=True):
-                if isinstance(res, Exception):
-                    if not fut.done():
-                        fut.set_exception(BrokerUnavailable(str(res)))
-                elif int(res) < 0:
-                    again.append((topic, fut))
-                elif not fut.done():
-                    fut.set_result(int(res))
-            for topic in {t for t, _ in again}:
-                floors[topic] = await self._fresh_floor(topic)
-                fresh.add(topic)
-            todo = again
-
-    async def _eval_next_seqs(self, calls: list[tuple[str, int, bool]]) -> list[Any]:
-        """_NEXT_SEQ for each (key, floor, floor just read); replies in call order."""
-        return await self.shards.per_shard([c[0] for c in calls], lambda _shard, idx: b"".join([
-            command("EVAL", _NEXT_SEQ, 1, calls[i][0], calls[i][1], "1" if calls[i][2] else "0")
-            for i in idx]))
-
-    async def last_seq(self, topic: str) -> int:
-        self._check_up()
-        key = self._seq_key(topic)
-        v = await self.shards.call(key, "GET", key)
-        if v is None:
-            # Never published, or Redis lost the counter: the store knows.
-            return await self._fresh_floor(topic)
-        return int(v)
 
     # -- sessions -------------------------------------------------------------------
 
@@ -440,10 +322,6 @@ class RedisBroker:
                 if not f.done():
                     f.set_exception(BrokerUnavailable("broker closed"))
         self._waiters.clear()
-        for _, seq_fut in self._seq_batch:
-            if not seq_fut.done():
-                seq_fut.set_exception(BrokerUnavailable("broker closed"))
-        self._seq_batch.clear()
 
     # -- receiving ------------------------------------------------------------------
 

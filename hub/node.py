@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 from hub.admission import Admission
-from hub.broker import Broker, BrokerUnavailable, MemoryBroker
+from hub.broker import Broker, BrokerUnavailable
 from hub.claims import Claims
 from hub.config import Config, effective_limits
 from hub.forwarded import TrustedProxies
@@ -57,7 +57,6 @@ __all__ = ["ADMIN_SENDER", "HubNode"]
 
 log = logging.getLogger("openred.hub")
 
-MEMORY_SEQ_TOPICS = 100_000  # topic sequences cached by the memory broker
 ADMIN_SENDER = "$admin"  # §4: outside the node id alphabet, so no node can claim it
 UNACKED_TRACKED = 10_000
 
@@ -206,8 +205,6 @@ class HubNode:
             if tick % 60 == 0:
                 try:
                     await self.store.purge_expired(_now_ms())
-                    if isinstance(self.broker, MemoryBroker):
-                        await self.broker.trim(MEMORY_SEQ_TOPICS)
                 except StoreUnavailable:
                     pass
                 except Exception:  # housekeeping must outlive any one failure

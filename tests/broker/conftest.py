@@ -11,7 +11,7 @@ import asyncio
 import secrets
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,6 @@ async def until(check: Callable[[], bool], wait: float = 5.0, what: str = "condi
         await asyncio.sleep(0.01)
 
 
-Seed = Callable[[str], Awaitable[int]]
 
 
 @dataclass
@@ -69,16 +68,16 @@ class Brokers:
         process, nobody else)."""
         return self.kind != "memory"
 
-    async def make(self, seed: Seed | None = None, name: str | None = None,
+    async def make(self, name: str | None = None,
                    url: str | None = None) -> tuple[Any, Recorder]:
         name = name or f"i{len(self.made) + 1}"
         broker: Any
         if self.kind == "memory":
-            broker = MemoryBroker(seed)
+            broker = MemoryBroker()
         else:
             from hub.broker_redis import RedisBroker
 
-            broker = RedisBroker(url or self.url or "", hub_id=self.hub_id, seed=seed)
+            broker = RedisBroker(url or self.url or "", hub_id=self.hub_id)
         rec = Recorder(name)
         await broker.start(name, rec)
         self.made.append(broker)

@@ -2,7 +2,7 @@
 run against the memory broker, the Redis broker on a real Redis and the Redis broker on a
 real local Redis Cluster (tests/broker/conftest.py). Several broker objects sharing one
 `hub_id` are several hub instances. The memory broker is one process with no other
-instance: what it must do there (sequences, nothing routed elsewhere, never unavailable)
+instance: what it must do there (nothing routed elsewhere, never unavailable)
 is checked by the same tests that check cross-instance delivery on Redis."""
 
 from __future__ import annotations
@@ -20,80 +20,9 @@ from tests.conftest import timeout
 pytestmark = pytest.mark.slow
 
 
-def floor_of(values: dict[str, int]):  # type: ignore[no-untyped-def]
-    async def seed(topic: str) -> int:
-        return values.get(topic, 0)
-
-    return seed
-
-
 async def quiet(wait: float = 0.2) -> None:
     """Time for a frame that should not arrive to arrive anyway."""
     await asyncio.sleep(wait)
-
-
-# -- sequences --------------------------------------------------------------------------
-
-
-async def test_next_seq_counts_from_one_per_topic(brokers: Brokers) -> None:
-    a, _ = await brokers.make()
-    assert await a.last_seq("t/1") == 0
-    assert [await a.next_seq("t/1") for _ in range(3)] == [1, 2, 3]
-    assert await a.next_seq("t/2") == 1
-    assert await a.last_seq("t/1") == 3
-    assert await a.last_seq("t/2") == 1
-    assert await a.last_seq("t/never") == 0
-
-
-async def test_next_seq_starts_above_the_store_floor(brokers: Brokers) -> None:
-    a, _ = await brokers.make(seed=floor_of({"t": 41}))
-    assert await a.last_seq("t") == 41
-    assert await a.next_seq("t") == 42
-    assert await a.next_seq("t") == 43
-    assert await a.next_seq("other") == 1
-
-
-async def test_next_seq_unique_cluster_wide_and_in_call_order(brokers: Brokers) -> None:
-    """Concurrent calls: one instance's sequences follow its call order; across
-    instances every value is issued once, with no gap."""
-    a, _ = await brokers.make()
-    got = await asyncio.gather(*(a.next_seq("t") for _ in range(200)))
-    assert got == list(range(1, 201))
-    if not brokers.clustered:
-        return
-    b, _ = await brokers.make()
-    xs, ys = await asyncio.gather(
-        asyncio.gather(*(a.next_seq("t") for _ in range(300))),
-        asyncio.gather(*(b.next_seq("t") for _ in range(300))))
-    assert xs == sorted(xs) and ys == sorted(ys)
-    assert sorted(xs + ys) == list(range(201, 801))
-    assert await b.last_seq("t") == 800
-
-
-async def test_next_seq_never_reused_when_the_counter_is_lost(brokers: Brokers) -> None:
-    """A restarted Redis (or a new memory broker) has lost the counters: the store's
-    last sequence is read again, never a floor cached before."""
-    store = {"t": 0}
-    a, _ = await brokers.make(seed=floor_of(store))
-    for i in range(1, 6):
-        assert await a.next_seq("t") == i
-        store["t"] = i  # the history write of that publication
-    if brokers.clustered:
-        await _drop_counter(brokers, "t")
-        assert await a.last_seq("t") == 5
-        assert await a.next_seq("t") == 6
-    else:
-        again, _ = await brokers.make(seed=floor_of(store))  # a restart
-        assert await again.last_seq("t") == 5
-        assert await again.next_seq("t") == 6
-
-
-async def _drop_counter(brokers: Brokers, topic: str) -> None:
-    b = brokers.made[0]
-    await b.shards.client.delete(b._seq_key(topic))  # what a Redis restart does
-
-
-# -- direct routing -----------------------------------------------------------------------
 
 
 async def test_publish_to_node_nobody_holds(brokers: Brokers) -> None:
@@ -271,7 +200,7 @@ async def test_unreachable_backend_is_unavailable_fast(brokers: Brokers) -> None
     if not brokers.clustered:
         a, _ = await brokers.make()
         await a.ping()
-        assert await a.next_seq("t") == 1
+        assert await a.presence(["n"]) == {}
         return
     port = free_port()  # nothing listens there
     url = f"redis://127.0.0.1:{port}/0"
@@ -279,7 +208,7 @@ async def test_unreachable_backend_is_unavailable_fast(brokers: Brokers) -> None
         url += "?cluster=true"
     t0 = time.monotonic()
     a, _ = await brokers.make(url=url)
-    calls = [a.ping(), a.next_seq("t"), a.last_seq("t"), a.publish_to_node("n", b"", 0, "m"),
+    calls = [a.ping(), a.publish_to_node("n", b"", 0, "m"),
              a.presence(["n"]), a.claim("n", "s"), a.reassert([("n", "s")]),
              a.control("n", "kick")]
     for call in calls:
@@ -307,29 +236,3 @@ async def test_many_concurrent_claims_on_a_fresh_instance(brokers: Brokers) -> N
         await until(lambda: len(rb.node_frames) == n, what="a frame at every node")
         assert {f[0] for f in rb.node_frames} == {f"n{i}" for i in range(n)}
 
-
-async def test_memory_sequences_follow_call_order_while_seeding() -> None:
-    """Publishes that arrive while a topic's sequence is read from the store, or just
-    after the read finished but before the first caller resumed, still get sequences
-    in call order (a regression: the first publish once got seq 6)."""
-    from hub.broker import MemoryBroker
-
-    release = asyncio.Event()
-
-    async def seed(topic: str) -> int:
-        await release.wait()
-        return 40
-
-    broker = MemoryBroker(seed)
-    got: list[tuple[int, int]] = []
-
-    async def publish(i: int) -> None:
-        got.append((i, await broker.next_seq("t")))
-
-    first = asyncio.create_task(publish(0))
-    await asyncio.sleep(0)
-    release.set()
-    await asyncio.sleep(0)  # the seed read finishes; the first caller has not resumed
-    rest = [asyncio.create_task(publish(i)) for i in range(1, 6)]
-    await asyncio.gather(first, *rest)
-    assert sorted(got, key=lambda p: p[1]) == [(i, 41 + i) for i in range(6)]
