@@ -10,12 +10,11 @@ import warnings
 from typing import Any
 
 import pytest
+import schemathesis  # the test extra installs it: missing, the suite fails
 
 from admin_http.routes import openapi_document
 from tests.admin.conftest import TOKEN, Api
 from tests.conftest import timeout
-
-schemathesis = pytest.importorskip("schemathesis")
 
 METHODS = {"GET", "PUT", "POST", "DELETE", "PATCH"}
 

@@ -240,7 +240,18 @@ async def delete_keys(url: str, prefix: str) -> None:
 
 @pytest.fixture(params=KINDS)
 async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
-    kind = request.param
+    async for b in _brokers(request, request.param):
+        yield b
+
+
+@pytest.fixture(params=[k for k in KINDS if k != "memory"])
+async def shared_brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
+    """The brokers that several instances share (what the memory broker is not)."""
+    async for b in _brokers(request, request.param):
+        yield b
+
+
+async def _brokers(request: pytest.FixtureRequest, kind: str) -> AsyncIterator[Brokers]:
     url: str | None = None
     if kind == "redis":
         url = need_redis()

@@ -76,9 +76,8 @@ async def test_same_answers_as_in_process(brokers: Brokers) -> None:
         assert shared.redis_calls == len(script) and shared.fallbacks == 0
 
 
-async def test_two_instances_share_one_bucket(brokers: Brokers) -> None:
-    if not brokers.clustered:
-        pytest.skip("one instance with the memory broker")
+async def test_two_instances_share_one_bucket(shared_brokers: Brokers) -> None:
+    brokers = shared_brokers
     a = _limiter((await brokers.make(name="a"))[0])
     b = _limiter((await brokers.make(name="b"))[0])
     calls = [("{t}:ip:1.2.3.4", SLOW, 1.0, TAKE)]
@@ -86,9 +85,8 @@ async def test_two_instances_share_one_bucket(brokers: Brokers) -> None:
     assert sum(1 for r in results if r[0] == 0) == 5  # the burst, once, not once each
 
 
-async def test_keys_expire_when_the_bucket_is_full_again(brokers: Brokers) -> None:
-    if not brokers.clustered:
-        pytest.skip("no keys with the memory broker")
+async def test_keys_expire_when_the_bucket_is_full_again(shared_brokers: Brokers) -> None:
+    brokers = shared_brokers
     broker, _ = await brokers.make()
     shared = _limiter(broker)
     await shared.check([("{t}:exp", Rate(per_s=10, burst=10), 3.0, TAKE)])
