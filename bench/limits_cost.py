@@ -1,4 +1,4 @@
-"""What the cluster-wide limits of issue 14 cost (docs/benchmarks.md, "Shared limits").
+"""What the cluster-wide limits and revocations cost (docs/benchmarks.md, "Shared limits").
 
     python -m bench.limits_cost [--redis redis://127.0.0.1:6379/0]
 
@@ -58,7 +58,7 @@ async def _check_us(shared: SharedLimiter, n: int = 2000) -> tuple[float, float]
 
 async def run(redis_url: str) -> None:
     unlimited = Rate(1e9, 1e9)
-    print(f"IpLimiter.allow (before issue 14):       "
+    print(f"IpLimiter.allow (local only, no sharing): "
           f"{await _allow_ns(IpLimiter(1e9, 1e9)):6.0f} ns")
     memory = SharedLimiter(MemoryBroker())
     print(f"HandshakeLimiter.allow, memory broker:   "

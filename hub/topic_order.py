@@ -32,24 +32,40 @@ from protocol.frames import encode_topic_msg
 if TYPE_CHECKING:
     from hub.node import HubNode
 
-__all__ = ["HELD_MAX", "HOLD_S", "SKIP_AFTER_S", "TopicOrder"]
+__all__ = ["HELD_MAX", "HELD_MAX_BYTES", "HOLD_S", "SKIP_AFTER_S", "TopicOrder"]
 
 log = logging.getLogger("openred.hub")
 
 HOLD_S = 0.25  # how long a later message waits for an earlier one before history is read
 SKIP_AFTER_S = 5.0  # a gap history has not filled in this long is skipped
 HELD_MAX = 10_000  # messages held per topic before a gap is skipped at once
+HELD_MAX_BYTES = 16 * 1024 * 1024  # ... or bytes of them (frames reach 128 KiB each)
 
 
 class _Cursor:
-    __slots__ = ("filling", "gap_since", "held", "next", "timer")
+    __slots__ = ("filling", "gap_since", "held", "held_bytes", "next", "timer")
 
     def __init__(self) -> None:
         self.next = 0  # 0: not known yet (no baseline): everything is held
         self.gap_since = 0.0  # loop time the current gap was first seen (0: none)
         self.held: dict[int, tuple[bytes, str | None]] = {}  # seq -> (frame, sender)
+        self.held_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
         self.filling = False
+
+    def hold(self, seq: int, frame: bytes, sender: str | None) -> None:
+        if seq not in self.held:
+            self.held[seq] = (frame, sender)
+            self.held_bytes += len(frame)
+
+    def take(self, seq: int) -> tuple[bytes, str | None]:
+        item = self.held.pop(seq)
+        self.held_bytes -= len(item[0])
+        return item
+
+    @property
+    def overfull(self) -> bool:
+        return len(self.held) > HELD_MAX or self.held_bytes > HELD_MAX_BYTES
 
 
 class TopicOrder:
@@ -83,7 +99,7 @@ class TopicOrder:
             return
         early = sorted(s for s in cur.held if s <= seq)
         for s in early:
-            frame, sender = cur.held.pop(s)
+            frame, sender = cur.take(s)
             self.hub.fanout(topic, s, frame, sender)
         cur.next = seq + 1
         self._drain(topic, cur)
@@ -103,10 +119,10 @@ class TopicOrder:
             return
         if seq < cur.next:
             return  # handed out already (or skipped)
-        cur.held[seq] = (frame, sender)
+        cur.hold(seq, frame, sender)
         if not cur.gap_since:
             cur.gap_since = self.hub.loop.time()
-        if len(cur.held) > HELD_MAX:
+        if cur.overfull:
             self._fill(topic, cur)
         elif cur.timer is None and cur.next and not cur.filling:
             cur.timer = self.hub.loop.call_later(HOLD_S, self._fill, topic, cur)
@@ -115,7 +131,7 @@ class TopicOrder:
         """Hand out the held messages that are next in line."""
         held = cur.held
         while cur.next in held:
-            frame, sender = held.pop(cur.next)
+            frame, sender = cur.take(cur.next)
             self.hub.fanout(topic, cur.next, frame, sender)
             cur.next += 1
         if not held:
@@ -147,26 +163,26 @@ class TopicOrder:
                 return
             now = self.hub.loop.time()
             overdue = ((cur.gap_since and now - cur.gap_since >= SKIP_AFTER_S)
-                       or len(cur.held) > HELD_MAX)
+                       or cur.overfull)
             for i, e in enumerate(entries):
                 if e.seq < cur.next:
                     continue
                 while cur.next < e.seq and cur.next in cur.held:
-                    frame, sender = cur.held.pop(cur.next)
+                    frame, sender = cur.take(cur.next)
                     self.hub.fanout(topic, cur.next, frame, sender)
                     cur.next += 1
                 if cur.next < e.seq:  # a hole history does not fill (yet)
                     if not overdue:
                         # Hold what history has after it; read again in HOLD_S.
                         for later in entries[i:]:
-                            cur.held.setdefault(later.seq, (encode_topic_msg(
+                            cur.hold(later.seq, encode_topic_msg(
                                 later.mid, later.sender, topic, later.seq, later.body,
-                                later.ts), later.sender))
+                                later.ts), later.sender)
                         if not cur.gap_since:
                             cur.gap_since = now
                         break
                     self._skip(topic, cur, e.seq)
-                held = cur.held.pop(e.seq, None)
+                held = cur.take(e.seq) if e.seq in cur.held else None
                 frame = held[0] if held is not None else encode_topic_msg(
                     e.mid, e.sender, topic, e.seq, e.body, e.ts)
                 self.hub.fanout(topic, e.seq, frame, e.sender)

@@ -130,7 +130,7 @@ def test_alert_rules_use_exported_metrics_only() -> None:
                     "openred_hub_slow_consumer_disconnects_total",
                     "openred_hub_route_seconds_bucket", "openred_hub_store_write_seconds_bucket",
                     "openred_hub_messages_routed_total",
-                    # issue 12: SLOs, backends, backlog, loop lag
+                    # SLOs, backends, backlog, loop lag
                     "openred_hub_error_frames_total", "openred_hub_frames_in_total",
                     "openred_hub_backend_up", "openred_hub_breaker_state",
                     "openred_hub_breaker_opened_total", "openred_hub_qos1_pending",

@@ -1,4 +1,4 @@
-"""No import cycles among the repo's own modules (issue 10: factories live apart from the
+"""No import cycles among the repo's own modules (factories live apart from the
 contracts they build, so a contract never imports its implementations).
 
 The graph has one edge per import statement of `protocol/`, `hub/`, `persistence/`,

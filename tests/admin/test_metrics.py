@@ -26,7 +26,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     P + "rate_limited": ("counter", set()),
     P + "slow_consumer_disconnects": ("counter", set()),
     P + "auth_failures": ("counter", {"reason"}),
-    # issue 12: failures, health, SLO inputs (hub/metrics.py)
+    # failures, health, SLO inputs (hub/metrics.py)
     P + "store_operations": ("counter", {"op", "outcome"}),
     P + "broker_operations": ("counter", {"op", "outcome"}),
     P + "breaker_state": ("gauge", {"backend", "state"}),

@@ -1,5 +1,6 @@
-"""Issue 14 on two real hub processes sharing Redis and PostgreSQL: the admin lockout,
-the per-IP handshake bucket and token revocation hold on every instance combined."""
+"""The admin surface under abuse on two real hub processes sharing Redis and PostgreSQL:
+the admin lockout, the per-IP handshake bucket and token revocation hold on every instance
+combined."""
 
 from __future__ import annotations
 

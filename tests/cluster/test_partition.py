@@ -1,4 +1,4 @@
-"""Partitions (issue 11): real hub processes, a private real Redis the test kills and
+"""Partitions: real hub processes, a private real Redis the test kills and
 restarts or reaches through a `LinkProxy` it breaks (tests/cluster/proxy.py), real
 PostgreSQL (one schema per test). Each scenario counts what was sent, `ok`'d and
 delivered (duplicates, order) and the sessions per node, prints the counts, and asserts
@@ -16,7 +16,6 @@ zero loss of `ok`'d QoS 1 messages, one session per node and no flapping.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -33,16 +32,12 @@ from tests.cluster.conftest import (
     eventually,
 )
 from tests.cluster.proxy import LinkProxy
+from tests.cluster.test_cluster import rid
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode
 
 pytestmark = pytest.mark.slow
 
-_ids = itertools.count(1)
-
-
-def rid() -> str:
-    return f"p{next(_ids)}"
 
 
 @dataclass

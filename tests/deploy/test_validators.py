@@ -1,4 +1,4 @@
-"""deploy/ and the CI workflow through the tools operators run on them (issue 17).
+"""deploy/ and the CI workflow through the tools operators run on them.
 
 Each validator runs on the shipped files and must pass, and on a copy broken on purpose
 (in tmp_path) and must refuse it, so a validator that silently checks nothing fails here
@@ -120,7 +120,7 @@ def test_alert_unit_tests_pass_and_cover_every_alert() -> None:
     assert quiet >= {"OpenRedHubInstanceDown", "OpenRedHubAllInstancesDown",
                      "OpenRedHubHighAuthFailureRate", "OpenRedHubDroppedMessages",
                      "OpenRedHubRouteLatencyHigh",
-                     # issue 12: every new alert is also shown quiet
+                     # every alert is also shown quiet
                      "OpenRedHubErrorBudgetBurnFast", "OpenRedHubErrorBudgetBurnSlow",
                      "OpenRedHubAvailabilityBudgetBurnFast",
                      "OpenRedHubAvailabilityBudgetBurnSlow", "OpenRedHubAdminLatencySLO",

@@ -1,4 +1,4 @@
-"""`RunningHub.start` unwinds what it opened when a step fails (issue 10), with the real
+"""`RunningHub.start` unwinds what it opened when a step fails, with the real
 store and servers: the error propagates, and no task, store thread or listening socket of
 the failed start is left behind, so the same hub can start again once the cause is gone.
 """

@@ -1,4 +1,4 @@
-"""A PostgreSQL that stops answering, through a real hub (issue 12; hub/breaker.py): no
+"""A PostgreSQL that stops answering, through a real hub (hub/breaker.py): no
 mocks, the real server behind a black-holing TCP proxy (tests/ops/conftest.py).
 
 While the store is black-holed no QoS 1 send waits longer than `store.timeout_s` plus a
