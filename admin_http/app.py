@@ -1,4 +1,4 @@
-"""The admin HTTP application: `/healthz`, `/readyz`, `/metrics` (ARCHITECTURE.md
+"""The admin HTTP application: `/healthz`, `/readyz`, `/metrics` (README.md
 "Operator surface"), and the security headers of every response. The `/v1/` routes, their
 auth and problem+json errors are added by `admin_http.routes`.
 """
@@ -9,15 +9,14 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from openred.admin_http.hygiene import install as install_hygiene
+from openred.admin_http.metrics import request_metrics
+from openred.admin_http.routes import add_routes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from admin_http.hygiene import install as install_hygiene
-from admin_http.metrics import request_metrics
-from admin_http.routes import add_routes
-
 if TYPE_CHECKING:
-    from hub.node import HubNode
+    from openred.hub.node import HubNode
 
 __all__ = ["HUB_KEY", "REGISTRY_KEY", "make_app", "max_request_bytes"]
 

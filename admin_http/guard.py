@@ -29,15 +29,14 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from openred.hub.ratelimit import PEEK, TAKE, Call, Rate
+from openred.hub.ratelimit_shared import SharedLimiter
 from prometheus_client import Counter
 from prometheus_client.registry import CollectorRegistry
 
-from hub.ratelimit import PEEK, TAKE, Call, Rate
-from hub.ratelimit_shared import SharedLimiter
-
 if TYPE_CHECKING:
-    from hub.config import AdminConfig
-    from hub.node import HubNode
+    from openred.hub.config import AdminConfig
+    from openred.hub.node import HubNode
 
 __all__ = ["AdminGuard", "Verdict", "client_ip"]
 

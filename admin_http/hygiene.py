@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-
-from admin_http.problems import problem_response
+from openred.admin_http.problems import problem_response
 
 if TYPE_CHECKING:
-    from hub.config import AdminConfig
+    from openred.hub.config import AdminConfig
 
 __all__ = ["SECURITY_HEADERS", "SERVER", "AdminRequestHandler", "AdminSite", "install",
            "ssl_context"]

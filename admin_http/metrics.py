@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from hub.metrics import Metrics
+    from openred.hub.metrics import Metrics
 
 __all__ = ["request_metrics"]
 

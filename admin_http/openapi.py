@@ -1,5 +1,5 @@
 """The route table's types, request validation against its schemas, and the OpenAPI 3.1
-document built from it (ARCHITECTURE.md "Operator surface").
+document built from it (README.md "Operator surface").
 
 `admin_http.routes.ROUTES` is the one list of what the admin surface serves: each `Route`
 carries its method, path, handler, parameters, request schema and responses. The aiohttp
@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from admin_http.problems import PROBLEM_CONTENT_TYPE, Problem
+from openred.admin_http.problems import PROBLEM_CONTENT_TYPE, Problem
 
 __all__ = ["Param", "Resp", "Route", "build_document", "check", "parse_param"]
 

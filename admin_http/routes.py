@@ -1,4 +1,4 @@
-"""The `/v1/` operator routes (ARCHITECTURE.md "Operator surface"): nodes, bans, kicks,
+"""The `/v1/` operator routes (README.md "Operator surface"): nodes, bans, kicks,
 server-side send and publish, message state, audit, token issuing, stats, and the
 OpenAPI document; plus the middleware every admin request passes through.
 
@@ -50,27 +50,25 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 from aiohttp import web
-
-from admin_http.guard import AdminGuard, client_ip
-from admin_http.openapi import Param, Resp, Route, build_document, check, parse_param
-from admin_http.problems import PROBLEM_CONTENT_TYPE, Problem, problem_response
-from admin_http.tokens import AdminToken, TokenTable, parse_token, scope_allows
-from hub.broker import BrokerUnavailable
-from hub.node import ADMIN_SENDER
-from hub.ratelimit import TokenBucket
-from hub.revocations import NEVER
-from hub.session import CLOSED
-from persistence.store import NodeRecord, QueueFull, StoreUnavailable
-from protocol import errors as E
-from protocol.frames import MAX_META_BYTES
-from protocol.identity import is_node_id
-from protocol.tokens import MAX_TOKEN_CHARS, TokenIssuer
+from openred.admin_http.guard import AdminGuard, client_ip
+from openred.admin_http.openapi import Param, Resp, Route, build_document, check, parse_param
+from openred.admin_http.problems import PROBLEM_CONTENT_TYPE, Problem, problem_response
+from openred.admin_http.tokens import AdminToken, TokenTable, parse_token, scope_allows
+from openred.hub.broker import BrokerUnavailable
+from openred.hub.node import ADMIN_SENDER
+from openred.hub.ratelimit import TokenBucket
+from openred.hub.revocations import NEVER
+from openred.hub.session import CLOSED
+from openred.hub.tokens import MAX_TOKEN_CHARS, TokenIssuer
+from openred.persistence.store import NodeRecord, QueueFull, StoreUnavailable
+from openred.protocol import errors as E
+from openred.protocol.frames import MAX_META_BYTES
+from openred.protocol.identity import is_node_id
 
 if TYPE_CHECKING:
+    from openred.hub.config import Config
+    from openred.hub.node import HubNode
     from prometheus_client.registry import CollectorRegistry
-
-    from hub.config import Config
-    from hub.node import HubNode
 
 __all__ = ["ROUTES", "add_routes", "components", "openapi_document"]
 
@@ -760,7 +758,7 @@ def openapi_document(cfg: Config) -> dict[str, Any]:
         v = "0"
     return build_document(
         ROUTES, components(cfg), title="OpenRed hub admin API", version=v,
-        description="The operator surface of an OpenRed hub instance (ARCHITECTURE.md). "
+        description="The operator surface of an OpenRed hub instance (README.md). "
                     "Errors are application/problem+json (RFC 9457). Every /v1/ route but "
                     "this document needs `Authorization: Bearer <admin token>` whose "
                     "scope is at least the operation's `x-openred-scope` (read < write < "

@@ -4,10 +4,10 @@ with a zero key, which leaves the payload as is) once ahead of time, reads parse
 first bytes. It exists so the generator is not the bottleneck: stock Python WebSocket
 clients cost as much CPU as the relay they measure.
 
-A `LeanNode` speaks the hub's handshake (PROTOCOL.md §2: challenge, signed hello,
+A `LeanNode` speaks the hub's handshake (docs/protocol.md §2: challenge, signed hello,
 welcome), or with `plain_id` the baselines' one (`{"t":"hello","node":ID}` right after
 the upgrade, answered by a welcome). After the welcome it counts frames received (a
-batch, PROTOCOL.md §1, counts as its number of frames, read from the array header).
+batch, docs/protocol.md §1, counts as its number of frames, read from the array header).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-
-from protocol.identity import Identity
-from protocol.wsframes import (
+from openred.protocol.identity import Identity
+from openred.protocol.wsframes import (
     ZERO_MASK_KEY,
     Close,
     Failure,

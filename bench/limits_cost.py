@@ -17,10 +17,10 @@ import secrets
 import time
 from typing import Any
 
-from hub.broker import MemoryBroker
-from hub.broker_redis import RedisBroker
-from hub.ratelimit import PEEK, TAKE, IpLimiter, Rate
-from hub.ratelimit_shared import HandshakeLimiter, SharedLimiter
+from openred.hub.broker import MemoryBroker
+from openred.hub.broker_redis import RedisBroker
+from openred.hub.ratelimit import PEEK, TAKE, IpLimiter, Rate
+from openred.hub.ratelimit_shared import HandshakeLimiter, SharedLimiter
 
 N = 200_000
 IPS = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(5000)]

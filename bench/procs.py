@@ -204,7 +204,7 @@ def _process(name: str, cmd: Sequence[str], port: int, cpu: int | None,
 def start_hub(cpu: int | None, store_url: str | None = None, *, broker_url: str | None = None,
               hub_id: str | None = None, name: str = "hub", env: dict[str, str] | None = None,
               nofile: int = NOFILE) -> Iterator[Server]:
-    """A hub subprocess (`python -m hub serve`) on free ports, limits lifted (HUB_ENV);
+    """A hub subprocess (`python -m openred.hub serve`) on free ports, limits lifted (HUB_ENV);
     SQLite in a temporary directory unless `store_url` is given."""
     port, admin = free_port(), free_port()
     tmp = tempfile.mkdtemp(prefix="openred-bench-store-")
@@ -220,7 +220,7 @@ def start_hub(cpu: int | None, store_url: str | None = None, *, broker_url: str 
         full["OPENRED_HUB_SERVER_HUB_ID"] = hub_id
     full.update(env or {})
     try:
-        with _process(name, [sys.executable, "-m", "hub", "serve"], port, cpu, full,
+        with _process(name, [sys.executable, "-m", "openred.hub", "serve"], port, cpu, full,
                       nofile=nofile) as server:
             yield server
     finally:

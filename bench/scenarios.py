@@ -31,12 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+from openred.protocol.identity import Identity
 
 from bench.lean import LeanNode, client_frame, frames_of, read_stamp
 from bench.procs import Target, cpu_seconds, rss_kib
 from bench.profile import Profiler
 from bench.report import Progress, cdf_points, percentiles
-from protocol.identity import Identity
 
 __all__ = ["SCENARIO_FUNCS"]
 

@@ -11,8 +11,8 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from protocol.client import Client, HubError
-from protocol.identity import Identity, save_key_file
+from openred.client import Client, HubError
+from openred.protocol.identity import Identity, save_key_file
 
 
 async def echo(url: str, key_file: str) -> None:

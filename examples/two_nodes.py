@@ -15,8 +15,8 @@ import argparse
 import asyncio
 import sys
 
-from protocol.client import Client
-from protocol.identity import Identity, load_key_file
+from openred.client import Client
+from openred.protocol.identity import Identity, load_key_file
 
 TOPIC = "demo/chat"
 DEADLINE_S = 10.0

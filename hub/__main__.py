@@ -1,4 +1,4 @@
-"""`openred-hub` command line (ARCHITECTURE.md "Command line"): serve, keygen, migrate,
+"""`openred-hub` command line (README.md "Command line"): serve, keygen, migrate,
 token, check-config. Configuration errors exit 2 with one line naming the key."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from hub.config import Config, ConfigError, load_config
+from openred.hub.config import Config, ConfigError, load_config
 
 __all__ = ["main"]
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cmd = args.command
     if cmd == "keygen":
-        from protocol.identity import Identity, KeyFileError, save_key_file
+        from openred.protocol.identity import Identity, KeyFileError, save_key_file
 
         ident = Identity.generate()
         try:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load(args)
         if cmd in ("check-config", "serve", "token"):
             # Every file the configuration names is loaded before anything listens.
-            from hub.preflight import check_files
+            from openred.hub.preflight import check_files
 
             check_files(cfg)
     except ConfigError as exc:
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd == "token":
         return _token(cfg, args)
-    from hub.app import install_uvloop, serve
-    from hub.log import setup_logging
+    from openred.hub.app import install_uvloop, serve
+    from openred.hub.log import setup_logging
 
     setup_logging(cfg.log.level, cfg.log.format)
     install_uvloop()
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # port taken, unreadable db path...
         return _fail(f"cannot start: {exc}")
     except Exception as exc:
-        from hub.broker import BrokerUnavailable
-        from persistence.store import StoreError
+        from openred.hub.broker import BrokerUnavailable
+        from openred.persistence.store import StoreError
 
         if isinstance(exc, StoreError | BrokerUnavailable):  # e.g. PostgreSQL unreachable
             print(f"openred-hub: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token(cfg: Config, args: argparse.Namespace) -> int:
-    from protocol.tokens import TokenIssuer
+    from openred.hub.tokens import TokenIssuer
 
     a = cfg.auth
     try:
@@ -138,8 +138,8 @@ def _token(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _migrate(cfg: Config) -> int:
-    from persistence.backends import open_store
-    from persistence.store import StoreError
+    from openred.persistence.backends import open_store
+    from openred.persistence.store import StoreError
 
     store = open_store(cfg.store.url, auto_migrate=False, pool_size=cfg.store.pool_size)
     try:

@@ -22,25 +22,23 @@ import time
 from typing import TYPE_CHECKING
 
 import msgpack
-
-from hub.ratelimit import Rate
-from hub.ratelimit_shared import HandshakeLimiter, SharedLimiter
-from hub.revocations import Revocations
-from persistence.store import StoreUnavailable
-from protocol import errors as E
-from protocol.errors import FrameError
-from protocol.frames import Hello, encode_bye, encode_error, encode_welcome
-from protocol.handshake import Authenticated
-from protocol.identity import PUBLIC_KEY_BYTES, is_node_id
-from protocol.ids import mid_time_ms
-from protocol.tokens import MAX_TOKEN_CHARS, TOKEN_ERROR_REASONS
+from openred.hub.handshake import Authenticated
+from openred.hub.ratelimit import Rate
+from openred.hub.ratelimit_shared import HandshakeLimiter, SharedLimiter
+from openred.hub.revocations import Revocations
+from openred.hub.tokens import MAX_TOKEN_CHARS, TOKEN_ERROR_REASONS
+from openred.persistence.store import StoreUnavailable
+from openred.protocol import errors as E
+from openred.protocol.errors import FrameError
+from openred.protocol.frames import Hello, encode_bye, encode_error, encode_welcome
+from openred.protocol.identity import PUBLIC_KEY_BYTES, is_node_id
+from openred.protocol.ids import mid_time_ms
 
 if TYPE_CHECKING:
+    from openred.hub.node import HubNode
+    from openred.hub.session import Session
+    from openred.hub.transport import Connection
     from websockets.http11 import Request
-
-    from hub.node import HubNode
-    from hub.session import Session
-    from hub.transport import Connection
 
 __all__ = ["Admission"]
 
@@ -137,7 +135,7 @@ class Admission:
     def refuse(self, session: Session, reason: str, code: str = E.AUTH_FAILED,
                close_code: int = E.CLOSE_AUTH_FAILED, node: str | None = None) -> None:
         """`node`: the node id proved, or (auth_failed) only claimed by the hello,
-        unverified (ARCHITECTURE.md: `?node=` then finds attempts against a node)."""
+        unverified (README.md: `?node=` then finds attempts against a node)."""
         hub = self.hub
         m = hub.metrics
         m.handshakes["failed" if code == E.AUTH_FAILED else code] += 1
@@ -175,7 +173,7 @@ class Admission:
                           error=encode_error(None, E.INTERNAL, "handshake failed"))
 
     async def _authenticate(self, session: Session, hello: Hello) -> None:
-        from hub.session import AUTH
+        from openred.hub.session import AUTH
 
         hub = self.hub
         if session.state is not AUTH:

@@ -18,21 +18,20 @@ from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from openred.admin_http.app import make_app
+from openred.admin_http.hygiene import AdminSite
+from openred.hub.backends import open_broker
+from openred.hub.breaker import Breaker, GuardedBroker, GuardedStore
+from openred.hub.broker import Broker
+from openred.hub.config import BrokerConfig, Config, StoreConfig
+from openred.hub.metrics import Metrics
+from openred.hub.node import HubNode
+from openred.hub.observe import Observer
+from openred.hub.tokens import TokenVerifier
+from openred.persistence.backends import open_store
+from openred.persistence.store import Store
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.registry import CollectorRegistry
-
-from admin_http.app import make_app
-from admin_http.hygiene import AdminSite
-from hub.backends import open_broker
-from hub.breaker import Breaker, GuardedBroker, GuardedStore
-from hub.broker import Broker
-from hub.config import BrokerConfig, Config, StoreConfig
-from hub.metrics import Metrics
-from hub.node import HubNode
-from hub.observe import Observer
-from persistence.backends import open_store
-from persistence.store import Store
-from protocol.tokens import TokenVerifier
 
 __all__ = ["RunningHub", "install_uvloop", "serve"]
 

@@ -7,7 +7,7 @@ backend imports the contract: the factory sits above both, so neither imports th
 
 from __future__ import annotations
 
-from hub.broker import Broker, MemoryBroker
+from openred.hub.broker import Broker, MemoryBroker
 
 __all__ = ["open_broker"]
 
@@ -17,7 +17,7 @@ def open_broker(url: str, hub_id: str = "openred") -> Broker:
     if url.startswith("memory:"):
         return MemoryBroker()
     if url.startswith(("redis://", "rediss://")):
-        from hub.broker_redis import RedisBroker
+        from openred.hub.broker_redis import RedisBroker
 
         broker: Broker = RedisBroker(url, hub_id=hub_id)
         return broker

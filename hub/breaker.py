@@ -39,13 +39,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hub.broker import BrokerUnavailable
-from persistence.store import QueueFull, StoreError, StoreUnavailable
+from openred.hub.broker import BrokerUnavailable
+from openred.persistence.store import QueueFull, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
-    from hub.broker import Broker, BrokerHandler
-    from hub.metrics import Metrics
-    from persistence.store import Store
+    from openred.hub.broker import Broker, BrokerHandler
+    from openred.hub.metrics import Metrics
+    from openred.persistence.store import Store
 
 __all__ = ["Breaker", "BreakerState", "GuardedBroker", "GuardedStore"]
 

@@ -1,4 +1,4 @@
-"""The Redis broker: many hub instances as one hub (ARCHITECTURE.md, `broker.url =
+"""The Redis broker: many hub instances as one hub (README.md, `broker.url =
 "redis://..."`, `rediss://` for TLS, `?cluster=true` for a Redis Cluster). It keeps the
 contract of `hub.broker.Broker`.
 
@@ -54,10 +54,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgpack
-
-from hub.broker import BrokerHandler, BrokerUnavailable
-from hub.broker_redis_shards import REDIS_DOWN, Shards, stop_tasks
-from hub.broker_resp import command
+from openred.hub.broker import BrokerHandler, BrokerUnavailable
+from openred.hub.broker_redis_shards import REDIS_DOWN, Shards, stop_tasks
+from openred.hub.broker_resp import command
 
 __all__ = ["RedisBroker", "parse_redis_url"]
 

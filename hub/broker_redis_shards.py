@@ -37,15 +37,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
+from openred.hub.broker import BrokerUnavailable
+from openred.hub.broker_resp import RespConnection, RespError, command, open_resp
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from hub.broker import BrokerUnavailable
-from hub.broker_resp import RespConnection, RespError, command, open_resp
 
 __all__ = ["REDIS_DOWN", "Shard", "Shards", "stop_tasks"]
 

@@ -32,14 +32,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from hub.broker import BrokerUnavailable
-from hub.resync import RESYNC_COMMAND
-from protocol import errors as E
-from protocol.frames import encode_bye
+from openred.hub.broker import BrokerUnavailable
+from openred.hub.resync import RESYNC_COMMAND
+from openred.protocol import errors as E
+from openred.protocol.frames import encode_bye
 
 if TYPE_CHECKING:
-    from hub.node import HubNode
-    from hub.session import Session
+    from openred.hub.node import HubNode
+    from openred.hub.session import Session
 
 __all__ = ["Claims"]
 

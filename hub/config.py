@@ -4,7 +4,7 @@ Longer than ~500 lines on purpose: it is one table of every key with its default
 rule side by side (STYLE.md "Names, errors, config"), and splitting the table would put a
 key's default and its check in different files.
 
-This module owns ARCHITECTURE.md "Backends and configuration": the sections and keys of
+This module owns README.md "Configuration": the sections and keys of
 `hub.toml`, their defaults (the dataclass defaults below, and nowhere else), the
 `OPENRED_HUB_<SECTION>_<KEY>` environment variables and the command-line overrides.
 Precedence, highest first: overrides (flags), environment, file, defaults.
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from hub.forwarded import parse_network
+from openred.hub.forwarded import parse_network
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -65,7 +65,7 @@ __all__ = [
 ENV_PREFIX: Final = "OPENRED_HUB_"
 DEFAULT_CONFIG_PATH: Final = "hub.toml"
 SECRET_FILE_PREFIX: Final = "file:"
-# PROTOCOL.md §2: the algorithms a node token may be signed with. "none" never is.
+# docs/protocol.md §2: the algorithms a node token may be signed with. "none" never is.
 JWT_ALGORITHMS: Final = ("HS256", "EdDSA", "ES256", "RS256")
 # RFC 7518 §3.2: an HS256 key MUST be at least as long as the hash output (256 bits);
 # PyJWT warns below that too.
@@ -223,7 +223,7 @@ def _check_tokens(value: tuple[str, ...]) -> tuple[str, ...]:
     """Each entry resolved (`file:/path`, whole or as a named token's secret) and parsed
     by admin_http/tokens.py: `NAME:SCOPE:SECRET`, `NAME:SCOPE:sha256:HEX` or an old-style
     token (scope admin). Errors name the entry's position, never its secret."""
-    from admin_http.tokens import TokenTable, inline_file_secret, parse_token
+    from openred.admin_http.tokens import TokenTable, inline_file_secret, parse_token
 
     result: list[str] = []
     parsed = []
@@ -350,7 +350,7 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    """[auth]: how nodes authenticate (PROTOCOL.md §2)."""
+    """[auth]: how nodes authenticate (docs/protocol.md §2)."""
 
     mode: str = _key("open", choices=("open", "allowlist"))
     hello_timeout_s: float = _key(5.0, gt=0)
@@ -424,7 +424,7 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """[limits]: per-frame, per-session and per-IP limits (PROTOCOL.md §1, §6, §8)."""
+    """[limits]: per-frame, per-session and per-IP limits (docs/protocol.md §1, §6, §8)."""
 
     max_frame_bytes: int = _key(131072, ge=1)
     max_body_bytes: int = _key(65536, ge=1)
@@ -625,7 +625,7 @@ def env_var_name(key: str) -> str:
 
 
 def effective_limits(cfg: Config) -> dict[str, int]:
-    """The limits announced in `welcome` (PROTOCOL.md §2 step 3)."""
+    """The limits announced in `welcome` (docs/protocol.md §2 step 3)."""
     limits = cfg.limits
     return {
         "max_frame_bytes": limits.max_frame_bytes,

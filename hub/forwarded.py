@@ -1,7 +1,7 @@
 """The client address of a connection that came through reverse proxies.
 
 Owns `server.trusted_proxies` at run time: behind nginx (deploy/nginx/nginx.conf) every
-TCP peer is the proxy, so the per-IP handshake limit (PROTOCOL.md §7) and the `ip` of
+TCP peer is the proxy, so the per-IP handshake limit (docs/protocol.md §7) and the `ip` of
 audit events would lump every node together. Only when the TCP peer is a trusted proxy
 is `X-Forwarded-For` read, and the client is its right-most address that is not itself
 a trusted proxy (what nginx `real_ip_recursive on` and uvicorn's ProxyHeadersMiddleware

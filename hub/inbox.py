@@ -22,8 +22,8 @@ import time
 from collections import defaultdict
 from typing import Protocol
 
-from persistence.store import StoredMessage, StoreUnavailable
-from protocol.frames import encode_msg
+from openred.persistence.store import StoredMessage, StoreUnavailable
+from openred.protocol.frames import encode_msg
 
 __all__ = ["BACKLOG_PAGE", "Inbox", "Sink"]
 

@@ -1,4 +1,4 @@
-"""Hub metrics (ARCHITECTURE.md "Metrics"): plain counters on the hot path, exported as
+"""Hub metrics (README.md "Metrics"): plain counters on the hot path, exported as
 Prometheus families at scrape time.
 
 Why not prometheus_client counters per frame: a labelled `.inc()` costs a lock and a

@@ -22,17 +22,19 @@ import time
 from functools import partial
 from typing import Any
 
-from hub.admission import Admission
-from hub.broker import Broker, BrokerUnavailable
-from hub.claims import Claims
-from hub.config import Config, effective_limits
-from hub.forwarded import TrustedProxies
-from hub.metrics import Metrics
-from hub.resync import RESYNC_COMMAND, Resyncs
-from hub.session import ACTIVE, CLOSED, Session
-from hub.topic_order import TopicOrder
-from hub.transport import OPEN, Connection
-from persistence.store import (
+from openred.hub.admission import Admission
+from openred.hub.broker import Broker, BrokerUnavailable
+from openred.hub.claims import Claims
+from openred.hub.config import Config, effective_limits
+from openred.hub.forwarded import TrustedProxies
+from openred.hub.handshake import ServerHandshake
+from openred.hub.metrics import Metrics
+from openred.hub.resync import RESYNC_COMMAND, Resyncs
+from openred.hub.session import ACTIVE, CLOSED, Session
+from openred.hub.tokens import TokenVerifier
+from openred.hub.topic_order import TopicOrder
+from openred.hub.transport import OPEN, Connection
+from openred.persistence.store import (
     HistoryEntry,
     QueueFull,
     Store,
@@ -40,8 +42,8 @@ from persistence.store import (
     StoreError,
     StoreUnavailable,
 )
-from protocol import errors as E
-from protocol.frames import (
+from openred.protocol import errors as E
+from openred.protocol.frames import (
     DecodeLimits,
     Send,
     encode_bye,
@@ -49,9 +51,7 @@ from protocol.frames import (
     encode_receipt,
     encode_topic_msg,
 )
-from protocol.handshake import ServerHandshake
-from protocol.ids import MidGenerator
-from protocol.tokens import TokenVerifier
+from openred.protocol.ids import MidGenerator
 
 __all__ = ["ADMIN_SENDER", "HubNode"]
 

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Any
 
-from hub.metrics import Metrics
+from openred.hub.metrics import Metrics
 
 __all__ = ["Observer"]
 

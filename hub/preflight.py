@@ -17,9 +17,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-
-from hub.config import Config, ConfigError
-from protocol.tokens import TokenIssuer, TokenVerifier
+from openred.hub.config import Config, ConfigError
+from openred.hub.tokens import TokenIssuer, TokenVerifier
 
 __all__ = ["check_files"]
 

@@ -1,4 +1,4 @@
-"""Token buckets: per-session frame rate (PROTOCOL.md §7) and per-IP handshakes; and
+"""Token buckets: per-session frame rate (docs/protocol.md §7) and per-IP handshakes; and
 `GcraTable`, the in-process twin of the cluster-wide limits of hub/ratelimit_shared.py
 (the same GCRA, the same answers, used with the memory broker and whenever Redis is
 unreachable).

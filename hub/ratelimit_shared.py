@@ -34,9 +34,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from hub.broker import Broker, BrokerUnavailable
-from hub.broker_resp import RespError, command
-from hub.ratelimit import FORCE, Call, GcraTable, IpLimiter, Rate
+from openred.hub.broker import Broker, BrokerUnavailable
+from openred.hub.broker_resp import RespError, command
+from openred.hub.ratelimit import FORCE, Call, GcraTable, IpLimiter, Rate
 
 __all__ = ["HandshakeLimiter", "SharedLimiter"]
 

@@ -29,11 +29,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from persistence.store import StoreError, Undelivered
+from openred.persistence.store import StoreError, Undelivered
 
 if TYPE_CHECKING:
-    from hub.node import HubNode
-    from hub.session import Session
+    from openred.hub.node import HubNode
+    from openred.hub.session import Session
 
 __all__ = ["RESYNC_COMMAND", "Resyncs"]
 

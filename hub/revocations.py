@@ -27,9 +27,9 @@ import logging
 import time
 from typing import Any
 
-from hub.broker import Broker, BrokerUnavailable
-from hub.broker_resp import RespError
-from persistence.store import Revocation, Store, StoreError
+from openred.hub.broker import Broker, BrokerUnavailable
+from openred.hub.broker_resp import RespError
+from openred.persistence.store import Revocation, Store, StoreError
 
 __all__ = ["JTI", "NEVER", "NODE", "Revocations"]
 

@@ -25,11 +25,12 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from hub.inbox import Inbox
-from hub.ratelimit import TokenBucket
-from protocol import errors as E
-from protocol.errors import DecodeError, FrameError
-from protocol.frames import (
+from openred.hub.inbox import Inbox
+from openred.hub.ratelimit import TokenBucket
+from openred.hub.tokens import topic_allowed
+from openred.protocol import errors as E
+from openred.protocol.errors import DecodeError, FrameError
+from openred.protocol.frames import (
     Ack,
     Hello,
     Presence,
@@ -43,13 +44,12 @@ from protocol.frames import (
     encode_ok,
     encode_topic_msg,
 )
-from protocol.identity import body_message, verify_signature
-from protocol.tokens import topic_allowed
+from openred.protocol.identity import body_message, verify_signature
 
 if TYPE_CHECKING:
-    from hub.node import HubNode
-    from hub.transport import Connection
-    from protocol.handshake import Authenticated, ServerHandshake
+    from openred.hub.handshake import Authenticated, ServerHandshake
+    from openred.hub.node import HubNode
+    from openred.hub.transport import Connection
 
 __all__ = ["Session", "State"]
 

@@ -27,10 +27,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from protocol.frames import encode_topic_msg
+from openred.protocol.frames import encode_topic_msg
 
 if TYPE_CHECKING:
-    from hub.node import HubNode
+    from openred.hub.node import HubNode
 
 __all__ = ["HELD_MAX", "HELD_MAX_BYTES", "HOLD_S", "SKIP_AFTER_S", "TopicOrder"]
 

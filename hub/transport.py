@@ -28,16 +28,15 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
+from openred.protocol import errors as E
+from openred.protocol.frames import batch_of, encode_bye
+from openred.protocol.wsframes import Close, Deflate, Failure, FrameReader, FrameWriter, Ping, Text
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
-from protocol import errors as E
-from protocol.frames import batch_of, encode_bye
-from protocol.wsframes import Close, Deflate, Failure, FrameReader, FrameWriter, Ping, Text
-
 if TYPE_CHECKING:
-    from hub.node import HubNode
-    from hub.session import Session
+    from openred.hub.node import HubNode
+    from openred.hub.session import Session
 
 __all__ = ["CLOSE_GRACE_S", "Connection", "Phase"]
 

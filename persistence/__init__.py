@@ -5,8 +5,8 @@ The public API is the contract and `open_store(url)` (`backends.py`); backends
 migration files and checks are `migrations.py`.
 """
 
-from persistence.backends import open_store
-from persistence.store import (
+from openred.persistence.backends import open_store
+from openred.persistence.store import (
     AckResult,
     AuditEvent,
     HistoryEntry,

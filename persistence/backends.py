@@ -7,7 +7,7 @@ Each backend is imported only when its URL is used (asyncpg is not loaded for SQ
 
 from __future__ import annotations
 
-from persistence.store import Store
+from openred.persistence.store import Store
 
 __all__ = ["open_store"]
 
@@ -22,14 +22,14 @@ def open_store(url: str, *, auto_migrate: bool = True, pool_size: int = 10,
     it fails with StoreUnavailable (PostgreSQL's connect, pool, statement and in-doubt
     timeouts; SQLite's busy timeout); None keeps each backend's own defaults."""
     if url.startswith("sqlite:"):
-        from persistence.sqlite import SqliteStore
+        from openred.persistence.sqlite import SqliteStore
 
         lite = SqliteStore(url, auto_migrate=auto_migrate)
         if timeout_s is not None:
             lite.busy_timeout_ms = int(timeout_s * 1000)
         return lite
     if url.startswith(("postgresql:", "postgres:")):
-        from persistence.postgres import PostgresStore
+        from openred.persistence.postgres import PostgresStore
 
         pg = PostgresStore(url, auto_migrate=auto_migrate, pool_size=pool_size,
                            retention_days=retention_days, read_url=read_url)

@@ -18,7 +18,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any
 
-from persistence.store import StoreError
+from openred.persistence.store import StoreError
 
 __all__ = ["Migration", "check_applied", "load_migrations", "packaged_migrations"]
 
@@ -36,7 +36,7 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 def packaged_migrations(backend: str) -> Traversable:
     """The folder of migrations shipped for `backend` ("sqlite", "postgres")."""
-    return resources.files("persistence").joinpath("migrations", backend)
+    return resources.files("openred.persistence").joinpath("migrations", backend)
 
 
 def load_migrations(directory: Traversable) -> list[Migration]:

@@ -63,14 +63,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import asyncpg.exceptions
-
-from persistence.migrate import (
+from openred.persistence.migrate import (
     Migration,
     check_applied,
     load_migrations,
     packaged_migrations,
 )
-from persistence.store import (
+from openred.persistence.store import (
     ACKED_KEEP_MS,
     AckResult,
     AuditEvent,

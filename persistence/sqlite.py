@@ -33,13 +33,13 @@ from collections.abc import Callable, Iterable
 from importlib.resources.abc import Traversable
 from typing import Any, TypeVar, cast
 
-from persistence.migrate import (
+from openred.persistence.migrate import (
     Migration,
     check_applied,
     load_migrations,
     packaged_migrations,
 )
-from persistence.store import (
+from openred.persistence.store import (
     ACKED_KEEP_MS,
     AckResult,
     AuditEvent,

@@ -8,7 +8,7 @@ this docstring by one conformance suite (`tests/persistence/`), run against each
 Guarantees every implementation gives:
 
 - **Durability before return.** `enqueue` returns only after the messages are committed;
-  the hub sends `ok stored` (PROTOCOL.md §4) only then. Writes from many concurrent
+  the hub sends `ok stored` (docs/protocol.md §4) only then. Writes from many concurrent
   callers are group-committed: every call made while a commit is in flight joins the
   next commit, so durability costs one round trip per batch, not per message.
 - **Order.** Writes are committed in the order the calls were made (FIFO), and

@@ -1,4 +1,4 @@
-"""Error and close codes of the wire protocol (PROTOCOL.md §8, §9), and the exception tree.
+"""Error and close codes of the wire protocol (docs/protocol.md §8, §9), and the exception tree.
 
 Exception tree::
 

@@ -1,4 +1,4 @@
-"""Frames of the OpenRed wire protocol v1 and their msgpack codec (PROTOCOL.md §1-§7).
+"""Frames of the OpenRed wire protocol v1 and their msgpack codec (docs/protocol.md §1-§7).
 
 Owned here: one immutable type per client frame, `decode_client()` which turns the bytes
 of one WebSocket message into validated frames (or `FrameError` values for frames that
@@ -16,8 +16,7 @@ from collections.abc import Callable
 from typing import Any, Final, NamedTuple, cast
 
 import msgpack
-
-from protocol.errors import (
+from openred.protocol.errors import (
     BAD_FRAME,
     LIMIT_EXCEEDED,
     TOO_LARGE,
@@ -25,7 +24,7 @@ from protocol.errors import (
     DecodeError,
     FrameError,
 )
-from protocol.identity import is_node_id
+from openred.protocol.identity import is_node_id
 
 __all__ = [
     "MAX_ACK_MIDS",

@@ -12,6 +12,8 @@ at start-up; nothing here touches sockets or asyncio.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import secrets
@@ -21,9 +23,6 @@ from pathlib import Path
 
 import nacl.exceptions
 import nacl.signing
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "AUTH_CONTEXT",
@@ -150,13 +149,42 @@ class KeyFileError(ValueError):
     """A key file that cannot be written, read or understood. The message names the path."""
 
 
+# An Ed25519 PKCS#8 key has one DER encoding (RFC 8410 §7), so it is written and read
+# as fixed bytes: the client package then needs no ASN.1 library (cryptography is a
+# 20 MB dependency a node would carry for these 16 bytes). v1 is what OpenSSL and
+# cryptography write; v2 (OneAsymmetricKey, RFC 5958) adds the public key.
+_PKCS8_V1 = bytes.fromhex("302e020100300506032b657004220420")
+_PKCS8_V2 = bytes.fromhex("3051020101300506032b657004220420")
+_PKCS8_V2_PUB = bytes.fromhex("812100")
+_PEM_BEGIN = b"-----BEGIN PRIVATE KEY-----"
+_PEM_END = b"-----END PRIVATE KEY-----"
+
+
 def _pem_for(identity: Identity) -> bytes:
-    key = Ed25519PrivateKey.from_private_bytes(identity.seed)
-    return key.private_bytes(
-        encoding=serialization.Encoding.PEM,
-        format=serialization.PrivateFormat.PKCS8,
-        encryption_algorithm=serialization.NoEncryption(),
-    )
+    der = base64.b64encode(_PKCS8_V1 + identity.seed)
+    return _PEM_BEGIN + b"\n" + der + b"\n" + _PEM_END + b"\n"
+
+
+def _seed_from_pem(data: bytes, target: Path) -> bytes:
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
+        raise KeyFileError(f"key file {target} is encrypted; an unencrypted key is needed")
+    begin, end = data.find(_PEM_BEGIN), data.find(_PEM_END)
+    if begin < 0 or end < begin:
+        raise KeyFileError(f"key file {target} is not a PEM private key")
+    try:
+        der = base64.b64decode(b"".join(data[begin + len(_PEM_BEGIN):end].split()),
+                               validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyFileError(f"key file {target} is not a PEM private key") from None
+    if len(der) == 48 and der.startswith(_PKCS8_V1):
+        return der[16:]
+    if (len(der) == 83 and der.startswith(_PKCS8_V2)
+            and der[48:51] == _PKCS8_V2_PUB):
+        seed = der[16:48]
+        if Identity.from_seed(seed).public_key != der[51:]:
+            raise KeyFileError(f"key file {target}: its public key does not match its seed")
+        return seed
+    raise KeyFileError(f"key file {target} does not hold an Ed25519 private key")
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -221,23 +249,7 @@ def load_key_file(path: str | os.PathLike[str]) -> Identity:
         data = target.read_bytes()
     except OSError as e:
         raise KeyFileError(f"cannot read key file {target}: {e.strerror or e}") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        # cryptography raises TypeError for an encrypted key when password is None.
-        raise KeyFileError(
-            f"key file {target} is encrypted; an unencrypted key is needed"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise KeyFileError(f"key file {target} is not a PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"key file {target} does not hold an Ed25519 private key")
-    seed = key.private_bytes(
-        encoding=serialization.Encoding.Raw,
-        format=serialization.PrivateFormat.Raw,
-        encryption_algorithm=serialization.NoEncryption(),
-    )
-    return Identity.from_seed(seed)
+    return Identity.from_seed(_seed_from_pem(data, target))
 
 
 def key_file_is_private(path: str | os.PathLike[str]) -> bool:

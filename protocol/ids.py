@@ -1,4 +1,4 @@
-"""Message ids: ULID-like, 26 chars of Crockford base32, time-ordered (PROTOCOL.md §4).
+"""Message ids: ULID-like, 26 chars of Crockford base32, time-ordered (docs/protocol.md §4).
 
 48 bits of milliseconds then 80 bits that start random each millisecond and count up
 within it, so ids made by one generator sort in creation order even within one ms.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -19,15 +20,15 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
+from openred.hub.config import load_config
 
-from hub.config import load_config
 from tests.admin.test_metrics import EXPECTED
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yml", ".yaml"))
 
-# Sample names the hub exports (ARCHITECTURE.md "Metrics"; EXPECTED is checked against a
+# Sample names the hub exports (README.md "Metrics"; EXPECTED is checked against a
 # live /metrics by tests/admin/test_metrics.py) -> the labels each may carry. Prometheus
 # adds job and instance to every series; `up` is Prometheus' own.
 SCRAPE_LABELS = {"job", "instance"}
@@ -203,10 +204,15 @@ def test_dockerfile() -> None:
     assert "OPENRED_HUB_SERVER_WS_HOST=0.0.0.0" in env
     assert "OPENRED_HUB_SERVER_ADMIN_HOST=0.0.0.0" in env
     assert not re.search(r"apt-get|build-essential|gcc", "\n".join(stage))
-    # The builder copies every top-level package the wheel is built from.
-    copied = set(re.findall(r"^COPY (\w+)/ ", text, re.M))
-    packages = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
-    assert packages <= copied, packages - copied
+    # The builder copies every folder the two wheels are built from (package-dir of
+    # pyproject.toml and of clients/python/pyproject.toml, whose paths are its own).
+    copied = set(re.findall(r"^COPY ([\w/]+?)/ ", text, re.M))
+    client = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())
+    folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    folders |= {os.path.normpath(os.path.join("clients/python", d))
+                for d in client["tool"]["setuptools"]["package-dir"].values()}
+    assert all(any(f == c or f.startswith(c + "/") for c in copied) for f in folders), (
+        folders, copied)
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "bench/results", "**/*.db"} <= set(ignore)
 
@@ -436,7 +442,7 @@ def test_edge_limits_in_nginx_and_ingress() -> None:
     # The proxy holds each client to the hub's own default per-IP cap; behind it, with
     # no trusted proxies listed, every node shares the controller's address, so the
     # ConfigMap turns the hub's per-IP cap off (it would cap the whole pod).
-    from hub.config import load_config
+    from openred.hub.config import load_config
 
     assert sessions == load_config(None, env={}).limits.max_connections_per_ip
     k8s = k8s_config()

@@ -16,14 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("protocol", "hub", "persistence", "admin_http", "bench")
+# Folder -> the package name it installs as (pyproject.toml, clients/python/pyproject.toml).
+PACKAGES = {"protocol": "openred.protocol", "hub": "openred.hub",
+            "persistence": "openred.persistence", "admin_http": "openred.admin_http",
+            "clients/python/openred/client": "openred.client", "bench": "bench"}
 
 
-def _module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
+def _module_files(root: Path, packages: dict[str, str]) -> dict[str, Path]:
     modules: dict[str, Path] = {}
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
+    for folder, package in packages.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = [package, *path.relative_to(root / folder).with_suffix("").parts]
             if parts[-1] == "__init__":
                 parts.pop()
             modules[".".join(parts)] = path
@@ -47,7 +50,7 @@ def _imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
 
 
 def import_graph(root: Path = ROOT,
-                 packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+                 packages: dict[str, str] = PACKAGES) -> dict[str, set[str]]:
     """Module name -> the repo modules it imports."""
     modules = _module_files(root, packages)
     graph: dict[str, set[str]] = {}
@@ -141,6 +144,6 @@ def test_the_check_sees_deferred_imports_and_skips_type_checking(tmp_path: Path)
     (pkg / "typed.py").write_text(
         "import typing\nif typing.TYPE_CHECKING:\n    import pkg.other\n")
     (pkg / "other.py").write_text("import pkg.typed\n")
-    graph = import_graph(tmp_path, ("pkg",))
+    graph = import_graph(tmp_path, {"pkg": "pkg"})
     assert graph["pkg.typed"] == set()
     assert find_cycles(graph) == [["pkg.contract", "pkg.impl", "pkg.contract"]]

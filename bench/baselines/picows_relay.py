@@ -12,9 +12,8 @@ import contextlib
 from typing import Any
 
 import msgpack
+from openred.protocol.wsframes import binary_header
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
-
-from protocol.wsframes import binary_header
 
 __all__ = ["main"]
 

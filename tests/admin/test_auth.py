@@ -11,8 +11,8 @@ import logging
 from typing import Any
 
 import pytest
+from openred.admin_http.routes import ROUTES
 
-from admin_http.routes import ROUTES
 from tests.admin.conftest import OTHER_TOKEN, TOKEN, Api, assert_problem
 
 SAMPLE_BODIES: dict[str, Any] = {

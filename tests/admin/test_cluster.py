@@ -11,8 +11,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from openred.protocol.identity import Identity
 
-from protocol.identity import Identity
 from tests.admin.conftest import ADMIN_CONFIG, Api
 from tests.admin.test_operator_actions import eventually, refused
 from tests.hub.nodes import RawNode

@@ -1,4 +1,4 @@
-"""The Grafana dashboard reads every metric of ARCHITECTURE.md "Metrics" (and only
+"""The Grafana dashboard reads every metric of README.md "Metrics" (and only
 metrics the hub exports), every query parsed as PromQL (promql-parser); the Vector
 snippet is valid TOML shipping to Elasticsearch."""
 

@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import jwt
+from openred.hub.app import RunningHub
+from openred.protocol.identity import Identity
 
-from hub.app import RunningHub
-from protocol.identity import Identity
 from tests.admin.conftest import ADMIN_CONFIG, Api, assert_problem
 from tests.hub.conftest import hub_config
 from tests.hub.nodes import RawNode

@@ -1,13 +1,13 @@
-"""`/metrics` parsed with prometheus_client's parser: every metric of ARCHITECTURE.md
+"""`/metrics` parsed with prometheus_client's parser: every metric of README.md
 "Metrics" with the right type and labels, no per-node label, process metrics."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from openred.protocol.identity import Identity
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol.identity import Identity
 from tests.admin.conftest import Api
 from tests.hub.nodes import RawNode
 

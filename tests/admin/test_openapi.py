@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import schemathesis  # the test extra installs it: missing, the suite fails
+from openred.admin_http.routes import openapi_document
 
-from admin_http.routes import openapi_document
 from tests.admin.conftest import TOKEN, Api
 from tests.conftest import timeout
 
@@ -53,8 +53,8 @@ async def test_document_and_router_match(api: Api) -> None:
 async def test_document_gives_each_route_its_scope_and_cost(api: Api) -> None:
     """The scope the router enforces is the one the document states, both ways, and
     every route the limits can refuse documents 429."""
-    from admin_http.routes import ROUTES
-    from admin_http.tokens import SCOPES
+    from openred.admin_http.routes import ROUTES
+    from openred.admin_http.tokens import SCOPES
 
     doc = (await api.get("/v1/openapi.json", token=None)).json()
     table = {(r.method, r.path): r for r in ROUTES}

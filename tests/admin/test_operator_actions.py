@@ -10,9 +10,9 @@ import time
 from typing import Any
 
 import pytest
+from openred.protocol.identity import Identity
 from websockets.exceptions import ConnectionClosed
 
-from protocol.identity import Identity
 from tests.admin.conftest import ADMIN_CONFIG, Api, assert_problem
 from tests.hub.nodes import RawNode
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openred.admin_http.routes import ROUTES
+from openred.admin_http.tokens import SCOPES, scope_allows
+from openred.hub.config import ConfigError, load_config
 
-from admin_http.routes import ROUTES
-from admin_http.tokens import SCOPES, scope_allows
-from hub.config import ConfigError, load_config
 from tests.admin.conftest import JWT_SECRET, Api, assert_problem
 from tests.admin.test_auth import SAMPLE_BODIES, concrete, ids
 

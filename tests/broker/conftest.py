@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openred.hub.broker import Broker, MemoryBroker
 
-from hub.broker import Broker, MemoryBroker
 from tests.conftest import timeout
 from tests.services import missing, need_redis
 
@@ -75,7 +75,7 @@ class Brokers:
         if self.kind == "memory":
             broker = MemoryBroker()
         else:
-            from hub.broker_redis import RedisBroker
+            from openred.hub.broker_redis import RedisBroker
 
             broker = RedisBroker(url or self.url or "", hub_id=self.hub_id)
         rec = Recorder(name)
@@ -207,7 +207,7 @@ def need_cluster(redis_cluster: LocalCluster | str) -> LocalCluster:
 
 async def delete_keys(url: str, prefix: str) -> None:
     """Delete every key under `prefix` (plain Redis or Cluster URL)."""
-    from hub.broker_redis import parse_redis_url
+    from openred.hub.broker_redis import parse_redis_url
 
     plain, clustered = parse_redis_url(url)
     if clustered:

@@ -22,9 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from openred.hub.broker_redis import RedisBroker
+from openred.hub.broker_resp import RespConnection, RespError, command, open_resp
 
-from hub.broker_redis import RedisBroker
-from hub.broker_resp import RespConnection, RespError, command, open_resp
 from tests.broker.conftest import Recorder, until
 from tests.cluster.conftest import _wait_port, free_port, need_binary
 from tests.services import need_redis

@@ -11,8 +11,8 @@ import asyncio
 import time
 
 import pytest
+from openred.hub.broker import BrokerUnavailable
 
-from hub.broker import BrokerUnavailable
 from tests.broker.conftest import Brokers, until
 from tests.cluster.conftest import free_port
 from tests.conftest import timeout

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from openred.hub.broker_redis import RedisBroker, parse_redis_url
+from openred.hub.ratelimit import FORCE, PEEK, TAKE, GcraTable, Rate
+from openred.hub.ratelimit_shared import HandshakeLimiter, SharedLimiter
 
-from hub.broker_redis import RedisBroker, parse_redis_url
-from hub.ratelimit import FORCE, PEEK, TAKE, GcraTable, Rate
-from hub.ratelimit_shared import HandshakeLimiter, SharedLimiter
 from tests.broker.conftest import Brokers, Recorder, until
 from tests.conftest import timeout
 

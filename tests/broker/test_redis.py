@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from openred.hub.broker import BrokerUnavailable
+from openred.hub.broker_redis import RedisBroker, parse_redis_url
 
-from hub.broker import BrokerUnavailable
-from hub.broker_redis import RedisBroker, parse_redis_url
 from tests.broker.conftest import LocalCluster, Recorder, need_cluster, until
 from tests.cluster.conftest import RedisServer
 from tests.conftest import timeout

@@ -2,7 +2,7 @@
 (issue 4 acceptance), a private Redis a test may kill and restart, and a real nginx.
 
 - `make_cluster(n, broker_url=None, **env)` starts `n` hub processes
-  (`python -m hub serve`, cwd tmp_path, no inherited `OPENRED_HUB_*` variable) on free
+  (`python -m openred.hub serve`, cwd tmp_path, no inherited `OPENRED_HUB_*` variable) on free
   ports, with one PostgreSQL schema and one `hub_id` per test (the Redis key and channel
   prefix includes `hub_id`, so tests never see each other's traffic), a distinct
   `instance_id` per process, and admin token `tok`. It returns once every `/readyz`
@@ -102,7 +102,7 @@ async def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 
 class HubProcess:
-    """One `python -m hub serve` process; ports stay the same across restarts."""
+    """One `python -m openred.hub serve` process; ports stay the same across restarts."""
 
     def __init__(self, name: str, env: dict[str, str], cwd: Path) -> None:
         self.name = name
@@ -132,7 +132,7 @@ class HubProcess:
             out.write(f"--- start {self.starts}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hub", "serve"], cwd=self.cwd, env=self.env,
+                [sys.executable, "-m", "openred.hub", "serve"], cwd=self.cwd, env=self.env,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 
     async def ready(self, wait: float = 20.0) -> None:

@@ -1,5 +1,5 @@
 """Many instances are one hub (issue 4 acceptance): 2 or 3 real hub processes on one
-Redis and one PostgreSQL, checked through raw protocol frames (PROTOCOL.md section in
+Redis and one PostgreSQL, checked through raw protocol frames (docs/protocol.md section in
 each test's docstring). Faults are real: a Redis process killed and restarted, a hub
 process killed with SIGKILL."""
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from openred.protocol.identity import Identity
 from websockets.exceptions import ConnectionClosed
 
-from protocol.identity import Identity
 from tests.broker.conftest import LocalCluster, need_cluster
 from tests.cluster.conftest import (
     ADMIN_TOKEN,

@@ -10,10 +10,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from openred.client import Client
+from openred.protocol.identity import Identity
 from websockets.exceptions import InvalidStatus
 
-from protocol.client import Client
-from protocol.identity import Identity
 from tests.cluster.conftest import (
     ADMIN_TOKEN,
     NGINX_CONF,

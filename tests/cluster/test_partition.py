@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from openred.protocol.identity import Identity
 from websockets.exceptions import ConnectionClosed
 
-from protocol.identity import Identity
 from tests.cluster.conftest import (
     ADMIN_TOKEN,
     ClusterFactory,

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openred.hub.app import RunningHub
+from openred.hub.config import load_config
 
-from hub.app import RunningHub
-from hub.config import load_config
 from tests.services import need_pg
 
 

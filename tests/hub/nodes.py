@@ -7,10 +7,10 @@ import asyncio
 from typing import Any
 
 import msgpack
+from openred.protocol.identity import Identity
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from protocol.identity import Identity
 from tests.conftest import timeout
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openred.hub.app import RunningHub
+from openred.persistence.store import StoreError
 
-from hub.app import RunningHub
-from persistence.store import StoreError
 from tests.hub.conftest import STORE_BACKEND, hub_config
 
 

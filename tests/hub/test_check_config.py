@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from openred.hub.__main__ import main
 
-from hub.__main__ import main
 from tests.broker.test_broker_resp import _tls_files
 from tests.conftest import timeout
 from tests.hub.test_cli import clean_env
@@ -117,7 +117,7 @@ def test_serve_refuses_before_listening(tmp_path: Path, files: dict[str, Path]) 
     body = (f'[admin]\ntls_cert = "{files["cert"]}"\ntls_key = "{files["garbage"]}"\n'
             f"[server]\nadmin_port = {port}\nws_port = 0\n")
     write_toml(tmp_path, body)
-    p = subprocess.run([sys.executable, "-m", "hub", "serve"], cwd=tmp_path,
+    p = subprocess.run([sys.executable, "-m", "openred.hub", "serve"], cwd=tmp_path,
                        env=clean_env(), capture_output=True, text=True, timeout=timeout(30))
     assert p.returncode == 2
     assert p.stderr.strip() == (f"openred-hub: admin.tls_key: {files['garbage']}: "

@@ -1,5 +1,5 @@
-"""The real `openred-hub` command line (`python -m hub`), run as a subprocess
-(ARCHITECTURE.md "Command line" and "Backends and configuration")."""
+"""The real `openred-hub` command line (`python -m openred.hub`), run as a subprocess
+(README.md "Command line" and "Backends and configuration")."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from openred.hub.tokens import TokenVerifier
+from openred.protocol.handshake import ClientHandshake
+from openred.protocol.identity import Identity, load_key_file
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from protocol.handshake import ClientHandshake
-from protocol.identity import Identity, load_key_file
-from protocol.tokens import TokenVerifier
 from tests.conftest import timeout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hub", *args], cwd=tmp_path,
+    return subprocess.run([sys.executable, "-m", "openred.hub", *args], cwd=tmp_path,
                           env=clean_env(**env), capture_output=True, text=True,
                           timeout=timeout(30))
 
@@ -149,7 +149,7 @@ async def test_serve_and_graceful_shutdown(tmp_path, sig):
     ws_port, admin_port = free_port(), free_port()
     grace = 2.0
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hub", "serve", "--ws-port", str(ws_port),
+        sys.executable, "-m", "openred.hub", "serve", "--ws-port", str(ws_port),
         "--admin-port", str(admin_port), cwd=tmp_path,
         env=clean_env(OPENRED_HUB_SERVER_SHUTDOWN_GRACE_S=str(grace),
                       OPENRED_HUB_LOG_LEVEL="warning"),

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from hub.config import (
+from openred.hub.config import (
     AdminConfig,
     AuthConfig,
     Config,

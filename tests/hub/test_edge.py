@@ -18,10 +18,8 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-from websockets.exceptions import InvalidStatus
-
-from protocol.identity import Identity
-from protocol.wsframes import (
+from openred.protocol.identity import Identity
+from openred.protocol.wsframes import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
@@ -33,6 +31,8 @@ from protocol.wsframes import (
     Ping,
     Pong,
 )
+from websockets.exceptions import InvalidStatus
+
 from tests.cluster.conftest import HubProcess
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode, eventually

@@ -22,11 +22,10 @@ from typing import Any, cast
 
 import msgpack
 import pytest
-
-from hub.session import _Recovery
-from hub.transport import CLOSE_GRACE_S, OPEN
-from protocol.identity import Identity
-from protocol.wsframes import (
+from openred.hub.session import _Recovery
+from openred.hub.transport import CLOSE_GRACE_S, OPEN
+from openred.protocol.identity import Identity
+from openred.protocol.wsframes import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
@@ -36,6 +35,7 @@ from protocol.wsframes import (
     FrameWriter,
     frame_header,
 )
+
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode, eventually, no_frame
 from tests.hub.test_edge import (
@@ -626,8 +626,8 @@ def test_close_codes_the_hub_sends_may_all_be_sent() -> None:
     """Every close code the hub passes to FrameWriter.close (errors.CLOSE_*, the 1000
     answer to a code-less close) is one RFC 6455 lets travel, so `close_body` never
     raises ValueError inside the event loop."""
-    from protocol import errors as E
-    from protocol.wsframes import valid_close_code
+    from openred.protocol import errors as E
+    from openred.protocol.wsframes import valid_close_code
 
     codes = {getattr(E, n) for n in dir(E) if n.startswith("CLOSE_")} | {1000}
     assert codes and all(valid_close_code(c) for c in codes), sorted(codes)

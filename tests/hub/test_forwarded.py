@@ -1,13 +1,12 @@
 """`server.trusted_proxies` and X-Forwarded-For (hub/forwarded.py), without sockets: which
-address a connection stands for, for the per-IP handshake limit (PROTOCOL.md §7) and
+address a connection stands for, for the per-IP handshake limit (docs/protocol.md §7) and
 the audit trail. Standard handling: the right-most entry that is not a trusted proxy,
 and the TCP peer whenever the header cannot be read."""
 
 from __future__ import annotations
 
 import pytest
-
-from hub.forwarded import MAX_FORWARDED_HOPS, TrustedProxies, parse_network
+from openred.hub.forwarded import MAX_FORWARDED_HOPS, TrustedProxies, parse_network
 
 PROXIES = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "2001:db8::/32"])
 

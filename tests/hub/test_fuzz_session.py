@@ -1,4 +1,4 @@
-"""Fuzzing a live session (PROTOCOL.md §1, §3, §8): well-typed-but-wrong frames and
+"""Fuzzing a live session (docs/protocol.md §1, §3, §8): well-typed-but-wrong frames and
 random bytes must never break the hub.
 
 One hub per test function (the fixture), reused across Hypothesis examples; each example

@@ -1,4 +1,4 @@
-"""PROTOCOL.md §1 (transport) and §2 (identity and handshake) against a real hub:
+"""docs/protocol.md §1 (transport) and §2 (identity and handshake) against a real hub:
 challenge and welcome shapes, key and token auth, refusals and their close codes,
 replacement, allowlist and bans, message-level protocol errors, batches in hello."""
 
@@ -9,11 +9,11 @@ import time
 
 import msgpack
 import pytest
+from openred.hub.tokens import TokenIssuer
+from openred.protocol.identity import Identity
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from protocol.identity import Identity
-from protocol.tokens import TokenIssuer
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode
 

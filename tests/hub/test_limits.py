@@ -1,4 +1,4 @@
-"""PROTOCOL.md §1 body size, §5 max_topics, §6 presence size, §7 rate limits, per-IP
+"""docs/protocol.md §1 body size, §5 max_topics, §6 presence size, §7 rate limits, per-IP
 handshake limit and idle timeout, §3 nil ids on error frames, against a real hub."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import time
 
 import msgpack
 import pytest
+from openred.protocol.identity import Identity
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Opcode
 from websockets.uri import parse_uri
 
-from protocol.identity import Identity
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode, url
 

@@ -1,4 +1,4 @@
-"""Direct messages through a real hub (PROTOCOL.md §1 batches, §3 replies, §4 sends, §7
+"""Direct messages through a real hub (docs/protocol.md §1 batches, §3 replies, §4 sends, §7
 slow consumers), checked frame by frame on real sockets."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import os
 from typing import Any
 
 import msgpack
+from openred.protocol.identity import Identity
+from openred.protocol.wsframes import OP_TEXT, ZERO_MASK_KEY, Close, Event, FrameReader, FrameWriter
 
-from protocol.identity import Identity
-from protocol.wsframes import OP_TEXT, ZERO_MASK_KEY, Close, Event, FrameReader, FrameWriter
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode, eventually, no_frame, recv_msgs
 
@@ -337,7 +337,7 @@ _WS = FrameWriter(server=False, mask_key=ZERO_MASK_KEY)  # masked with a zero ke
 
 
 async def test_no_data_frame_after_close_frame(hub):
-    """RFC 6455 §5.5.1 (PROTOCOL.md §1): once the hub sent its close frame, the replies
+    """RFC 6455 §5.5.1 (docs/protocol.md §1): once the hub sent its close frame, the replies
     of requests still in flight (QoS 1 store writes) are not written after it."""
     for _ in range(3):
         r, w = await asyncio.open_connection("127.0.0.1", hub.ws_port)

@@ -1,4 +1,4 @@
-"""QoS 1 through a real hub (PROTOCOL.md §4): stored before ok, delivered now or on the
+"""QoS 1 through a real hub (docs/protocol.md §4): stored before ok, delivered now or on the
 next session in order, redelivered until acked, ttl, queue bounds, receipts, restarts."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import socket
 import time
 from typing import Any
 
-from protocol.identity import Identity
+from openred.protocol.identity import Identity
+
 from tests.hub.nodes import RawNode, no_frame, recv_msgs
 
 MID_LEN = 26
@@ -376,7 +377,7 @@ async def test_replay_read_again_when_the_store_fails(hub):
     the session stays open and the read is made again, so the stored messages still
     come in this session, first, with live QoS 1 sent meanwhile after them (§4). The
     failure is injected into the real store's `pending`, twice, then it answers."""
-    from persistence.store import StoreUnavailable
+    from openred.persistence.store import StoreUnavailable
 
     a = await RawNode.connect(hub)
     bid = Identity.generate()

@@ -16,7 +16,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def snippet() -> str:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    (code,) = [b for b in blocks if "from protocol.client import Client" in b]
+    (code,) = [b for b in blocks if "from openred.client import Client" in b]
     return code
 
 

@@ -1,4 +1,4 @@
-"""QoS 1 after a broker outage, inside one real hub (PROTOCOL.md §4; issue 4): messages
+"""QoS 1 after a broker outage, inside one real hub (docs/protocol.md §4; issue 4): messages
 stored while the broker could not route them reach their online recipients when the
 broker is back (`HubNode.on_broker_up`), without a reconnect, in order, never written
 twice to a session that has them unacked, and with bounded store work. A message
@@ -12,9 +12,10 @@ import asyncio
 import time
 from typing import Any
 
-from persistence.store import StoredMessage
-from protocol.frames import encode_msg
-from protocol.identity import Identity
+from openred.persistence.store import StoredMessage
+from openred.protocol.frames import encode_msg
+from openred.protocol.identity import Identity
+
 from tests.hub.nodes import RawNode, eventually, no_frame, recv_msgs
 
 

@@ -9,8 +9,9 @@ import socket
 import time
 from typing import Any
 
-from protocol.client import Client, Message, Receipt
-from protocol.identity import Identity
+from openred.client import Client, Message, Receipt
+from openred.protocol.identity import Identity
+
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode, eventually
 

@@ -1,6 +1,6 @@
 """Security properties against a real hub: forged, misdirected and replayed key hellos;
 hostile tokens (alg none, algorithm confusion, expired, wrong audience); every refusal
-audited (PROTOCOL.md §2); bounded memory under slow consumers (§7); a hostile node
+audited (docs/protocol.md §2); bounded memory under slow consumers (§7); a hostile node
 cannot disturb another node's session (§8)."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from openred.hub.tokens import TokenIssuer
+from openred.hub.transport import OPEN
+from openred.protocol.identity import Identity
 from websockets.exceptions import ConnectionClosed
 
-from hub.transport import OPEN
-from protocol.identity import Identity
-from protocol.tokens import TokenIssuer
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from hub.topic_order import HELD_MAX_BYTES, TopicOrder
+from openred.hub.topic_order import HELD_MAX_BYTES, TopicOrder
 
 
 class _Hub:

@@ -1,4 +1,4 @@
-"""Topics through a real hub (PROTOCOL.md §5): sub/unsub/pub replies, sequences, fan-out,
+"""Topics through a real hub (docs/protocol.md §5): sub/unsub/pub replies, sequences, fan-out,
 recovery with `since` (no gap, no duplicate), history bounds, names, restarts."""
 
 from __future__ import annotations

@@ -10,12 +10,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
+from openred.hub.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, GuardedBroker, GuardedStore
+from openred.hub.broker import BrokerUnavailable
+from openred.hub.metrics import Metrics
+from openred.persistence.store import QueueFull, StoreUnavailable
 from prometheus_client.registry import CollectorRegistry
-
-from hub.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, GuardedBroker, GuardedStore
-from hub.broker import BrokerUnavailable
-from hub.metrics import Metrics
-from persistence.store import QueueFull, StoreUnavailable
 
 
 class Clock:

@@ -17,9 +17,9 @@ import logging
 from typing import Any
 
 import pytest
+from openred.hub.log import ECS_VERSION, EcsFormatter
+from openred.protocol.identity import Identity
 
-from hub.log import ECS_VERSION, EcsFormatter
-from protocol.identity import Identity
 from tests.hub.nodes import RawNode, eventually
 
 ECS_FIELDS: dict[str, str] = {
@@ -145,7 +145,7 @@ async def test_one_line_of_each_kind_in_ecs_fields(make_hub: Any, lines: Lines,
     assert gone["event.type"] == ["end"] and gone["event.duration"] >= 0
 
     # A hello signed for another challenge: refused, the claimed node id in the line
-    # (and in the audit event, ARCHITECTURE.md).
+    # (and in the audit event, README.md).
     ident = Identity.generate()
     bad = await RawNode.open(hub, ident)
     await bad.send({"t": "hello", "v": 1, "key": ident.public_key,

@@ -16,9 +16,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from openred.protocol.identity import Identity
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol.identity import Identity
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode, eventually
 from tests.ops.conftest import BlackHole

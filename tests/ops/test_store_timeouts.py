@@ -14,9 +14,9 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from openred.persistence.backends import open_store
+from openred.persistence.store import Store, StoredMessage, StoreUnavailable
 
-from persistence.backends import open_store
-from persistence.store import Store, StoredMessage, StoreUnavailable
 from tests.conftest import timeout
 from tests.hub.nodes import eventually
 from tests.ops.conftest import BlackHole

@@ -31,10 +31,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from openred.persistence.postgres import PostgresStore
+from openred.persistence.sqlite import SqliteStore
+from openred.persistence.store import Store
 
-from persistence.postgres import PostgresStore
-from persistence.sqlite import SqliteStore
-from persistence.store import Store
 from tests.services import need_pg
 
 PACKAGE_MIGRATIONS = Path(__file__).resolve().parents[2] / "persistence" / "migrations"

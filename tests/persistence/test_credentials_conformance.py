@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from persistence.store import QueueFull, Store, StoredMessage
+from openred.persistence.store import QueueFull, Store, StoredMessage
 
 NOW = 1_700_000_000_000  # ms
 DAY_MS = 86_400_000

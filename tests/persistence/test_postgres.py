@@ -16,16 +16,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-
-from persistence.backends import open_store
-from persistence.postgres import PostgresStore, parse_postgres_url
-from persistence.store import (
+from openred.persistence.backends import open_store
+from openred.persistence.postgres import PostgresStore, parse_postgres_url
+from openred.persistence.store import (
     HistoryEntry,
     QueueFull,
     StoredMessage,
     StoreError,
     StoreUnavailable,
 )
+
 from tests.conftest import timeout
 from tests.persistence.conftest import PostgresFactory, with_schema
 
@@ -179,7 +179,7 @@ async def test_concurrent_migrations_apply_once(pg_factory: PostgresFactory) -> 
     try:
         # The schema does not exist yet: all four race to create it and migrate.
         results = await asyncio.gather(*(s.migrate() for s in stores))
-        from persistence.migrate import load_migrations, packaged_migrations
+        from openred.persistence.migrate import load_migrations, packaged_migrations
 
         shipped = load_migrations(packaged_migrations("postgres"))
         assert sorted(results) == [[], [], [], [m.name for m in shipped]]

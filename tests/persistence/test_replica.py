@@ -32,9 +32,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from openred.persistence.postgres import PostgresStore
+from openred.persistence.store import HistoryEntry, StoredMessage
 
-from persistence.postgres import PostgresStore
-from persistence.store import HistoryEntry, StoredMessage
 from tests.conftest import timeout
 from tests.services import missing
 
@@ -313,9 +313,8 @@ async def test_a_hub_configured_with_read_url_serves_admin_lists_from_the_replic
     """store.read_url end to end: `openred-hub serve`'s config reaches the store, and
     GET /v1/nodes is answered from the replica (replay paused: the replica's view)."""
     import aiohttp
-
-    from hub.app import RunningHub
-    from hub.config import load_config
+    from openred.hub.app import RunningHub
+    from openred.hub.config import load_config
 
     token = "replica-test-token-0123456789abcdef"
     cfg = load_config(None, env={}, overrides={

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-
-from persistence.backends import open_store
-from persistence.sqlite import SqliteStore, parse_sqlite_url
-from persistence.store import (
+from openred.persistence.backends import open_store
+from openred.persistence.sqlite import SqliteStore, parse_sqlite_url
+from openred.persistence.store import (
     AckResult,
     HistoryEntry,
     QueueFull,
@@ -27,6 +26,7 @@ from persistence.store import (
     StoreError,
     StoreUnavailable,
 )
+
 from tests.conftest import timeout
 
 if TYPE_CHECKING:
@@ -421,8 +421,8 @@ async def test_state_survives_close_and_reopen(store_factory: StoreFactory) -> N
 
 _WRITER = r"""
 import asyncio, sys
-from persistence.backends import open_store
-from persistence.store import StoredMessage
+from openred.persistence.backends import open_store
+from openred.persistence.store import StoredMessage
 
 async def main() -> None:
     store = open_store(sys.argv[1])

@@ -1,7 +1,7 @@
 """Unit tests of the node client SDK (protocol.client) against a tiny fake hub.
 
 The fake hub is written here with websockets' asyncio server on port 0: it speaks enough
-of PROTOCOL.md (challenge, signed hello checked with `verify_signature`, welcome, ok /
+of docs/protocol.md (challenge, signed hello checked with `verify_signature`, welcome, ok /
 error replies by id) and lets a test push frames, batches, `bye`, and close with a
 chosen code. The real hub is exercised in tests/hub.
 """
@@ -18,11 +18,7 @@ from http import HTTPStatus
 from typing import Any
 
 import pytest
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
-
-from protocol.client import (
+from openred.client import (
     Client,
     Disconnected,
     HubError,
@@ -30,7 +26,7 @@ from protocol.client import (
     Receipt,
     backoff_delay,
 )
-from protocol.errors import (
+from openred.protocol.errors import (
     CLOSE_AUTH_FAILED,
     CLOSE_FORBIDDEN,
     CLOSE_REPLACED,
@@ -39,7 +35,7 @@ from protocol.errors import (
     FrameError,
     HandshakeError,
 )
-from protocol.frames import (
+from openred.protocol.frames import (
     Ack,
     ClientFrame,
     Hello,
@@ -59,7 +55,11 @@ from protocol.frames import (
     encode_topic_msg,
     encode_welcome,
 )
-from protocol.identity import Identity, auth_message, node_id_for_key, verify_signature
+from openred.protocol.identity import Identity, auth_message, node_id_for_key, verify_signature
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
 from tests.conftest import FACTOR, timeout
 
 # The suite's one timing factor (OPENRED_TEST_TIMEOUT_FACTOR) scales every wait.
@@ -303,7 +303,7 @@ async def test_connect_with_key(hub: FakeHub, ident: Identity) -> None:
 
 async def test_connect_with_key_file_and_token(hub: FakeHub, ident: Identity,
                                                tmp_path: Any) -> None:
-    from protocol.identity import save_key_file
+    from openred.protocol.identity import save_key_file
 
     path = tmp_path / "node.key"
     save_key_file(ident, path)

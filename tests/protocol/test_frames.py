@@ -1,4 +1,4 @@
-"""Tests for protocol.frames: bytes in, frames out (PROTOCOL.md §1-§8), and the hub-frame
+"""Tests for protocol.frames: bytes in, frames out (docs/protocol.md §1-§8), and the hub-frame
 encoders. No sockets: every test feeds bytes to the codec and asserts values."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Any
 
 import msgpack
 import pytest
-
-from protocol.errors import (
+from openred.protocol.errors import (
     BAD_FRAME,
     CLOSE_UNDECODABLE,
     LIMIT_EXCEEDED,
@@ -20,7 +19,7 @@ from protocol.errors import (
     DecodeError,
     FrameError,
 )
-from protocol.frames import (
+from openred.protocol.frames import (
     MAX_ACK_MIDS,
     MAX_META_BYTES,
     MAX_META_DEPTH,
@@ -880,7 +879,7 @@ def test_malformed_timestamps(data: bytes) -> None:
     ext_outcome(data)
 
 
-# --- encoders: hub frames decode to exactly the PROTOCOL.md shape -----------------------
+# --- encoders: hub frames decode to exactly the docs/protocol.md shape -----------------------
 
 
 def shape(frame: dict[str, Any]) -> dict[str, type]:

@@ -1,5 +1,5 @@
 """Property tests for protocol.frames: whatever bytes a peer sends, the decoder answers
-with frames or FrameErrors, or raises DecodeError, and nothing else (PROTOCOL.md §1, §3,
+with frames or FrameErrors, or raises DecodeError, and nothing else (docs/protocol.md §1, §3,
 §8); what it does accept satisfies the contract."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from typing import Any
 import msgpack
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-from protocol.errors import ERROR_CODES, DecodeError, FrameError
-from protocol.frames import (
+from openred.protocol.errors import ERROR_CODES, DecodeError, FrameError
+from openred.protocol.frames import (
     MAX_ACK_MIDS,
     MAX_META_BYTES,
     MAX_SIG_BYTES,
@@ -27,7 +26,7 @@ from protocol.frames import (
     decode_server,
     is_topic,
 )
-from protocol.identity import is_node_id
+from openred.protocol.identity import is_node_id
 
 UINT64_MAX = 2**64 - 1
 DEFAULT_LIMITS = DecodeLimits()

@@ -10,8 +10,9 @@ from typing import Any
 import msgpack
 import nacl.signing
 import pytest
-
-from protocol.errors import (
+from openred.hub.handshake import Authenticated, ServerHandshake
+from openred.hub.tokens import TokenIssuer, TokenVerifier
+from openred.protocol.errors import (
     AUTH_FAILED,
     CLOSE_AUTH_FAILED,
     CLOSE_FORBIDDEN,
@@ -19,15 +20,15 @@ from protocol.errors import (
     HandshakeError,
     ProtocolViolation,
 )
-from protocol.frames import Hello, decode_client, decode_server, encode_error, encode_welcome
-from protocol.handshake import (
-    Authenticated,
-    ClientHandshake,
-    ServerHandshake,
-    Welcome,
+from openred.protocol.frames import (
+    Hello,
+    decode_client,
+    decode_server,
+    encode_error,
+    encode_welcome,
 )
-from protocol.identity import Identity
-from protocol.tokens import TokenIssuer, TokenVerifier
+from openred.protocol.handshake import ClientHandshake, Welcome
+from openred.protocol.identity import Identity
 
 HUB = "hub-test"
 NONCE = bytes(range(32))

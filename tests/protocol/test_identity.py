@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-
-from protocol.identity import (
+from openred.protocol.identity import (
     AUTH_CONTEXT,
     BODY_CONTEXT,
     Identity,

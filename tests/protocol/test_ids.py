@@ -1,4 +1,4 @@
-"""Tests for protocol.ids: message ids, ULID-like and time-ordered (PROTOCOL.md §4)."""
+"""Tests for protocol.ids: message ids, ULID-like and time-ordered (docs/protocol.md §4)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import itertools
 import time
 
 import pytest
-
-from protocol.ids import MidGenerator, mid_time_ms
+from openred.protocol.ids import MidGenerator, mid_time_ms
 
 CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 N = 200_000

@@ -16,13 +16,8 @@ from unittest.mock import patch
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from websockets import frames as ws_frames
-from websockets.extensions.permessage_deflate import PerMessageDeflate
-from websockets.frames import Frame, Opcode
-from websockets.protocol import Protocol, Side
-
-from protocol import wsframes
-from protocol.wsframes import (
+from openred.protocol import wsframes
+from openred.protocol.wsframes import (
     DEFAULT_MAX_FRAGMENTS,
     OP_BINARY,
     OP_CLOSE,
@@ -47,6 +42,10 @@ from protocol.wsframes import (
     frame_header,
     valid_close_code,
 )
+from websockets import frames as ws_frames
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Protocol, Side
 
 KEY = b"\x37\xfa\x21\x3d"  # RFC 6455 §5.7's example masking key
 LIMIT = 1000

@@ -23,7 +23,7 @@ when the hub refuses the `hello`, and `TimeoutError` when a request got no reply
     └── Disconnected    the connection ended (close code, reason); `final` when the
                         client will not reconnect (4001, 4003, 4010, 4012, close())
 
-Behaviour (PROTOCOL.md section in brackets):
+Behaviour (docs/protocol.md section in brackets):
 
 - Requests carry an incrementing int `id`; replies are matched by `id`, in any order (§3).
   A request in flight when its connection drops fails with `Disconnected` and is never
@@ -62,10 +62,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
-
-from protocol.errors import (
+from openred.protocol.errors import (
     AUTH_FAILED,
     CLOSE_AUTH_FAILED,
     CLOSE_FORBIDDEN,
@@ -78,9 +75,11 @@ from protocol.errors import (
     HandshakeError,
     ProtocolViolation,
 )
-from protocol.frames import batch_of, decode_server, encode, is_topic
-from protocol.handshake import ClientHandshake, Welcome
-from protocol.identity import Identity, is_node_id, load_key_file
+from openred.protocol.frames import batch_of, decode_server, encode, is_topic
+from openred.protocol.handshake import ClientHandshake, Welcome
+from openred.protocol.identity import Identity, is_node_id, load_key_file
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 __all__ = [
     "NO_RECONNECT_CODES",
@@ -95,7 +94,7 @@ __all__ = [
     "backoff_delay",
 ]
 
-log = logging.getLogger("protocol.client")
+log = logging.getLogger("openred.client")
 
 # §9: a refusal, a ban, a newer session or an operator's kick: coming back would be
 # refused again or would take the session back from its new owner.

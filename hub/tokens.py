@@ -27,8 +27,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.types import Options
-
-from protocol.identity import is_node_id
+from openred.protocol.identity import is_node_id
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",

@@ -1,4 +1,4 @@
-"""Tests for protocol.tokens: §2 token auth, the ``topics`` claim, issuing."""
+"""Tests for openred.hub.tokens: §2 token auth, the ``topics`` claim, issuing."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from protocol.tokens import (
+from openred.hub.tokens import (
     MAX_TOKEN_CHARS,
     TOKEN_ERROR_REASONS,
     TokenClaims,
