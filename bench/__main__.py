@@ -65,7 +65,8 @@ SPECS: dict[str, Spec] = {
         ("target", "target"), ("sent_per_s", "sent/s"), ("p50_ms", "p50 ms"),
         ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"),
         ("max_ms", "max ms"), ("lost", "lost"), ("ratio", "hub/this p99"), *_CPU_COLS,
-        ("runs", "runs (p99)")]),
+        ("idle_sessions", "idle"), ("idle_kib_per_session", "KiB/idle"),
+        ("idle_connects_per_s", "idle connects/s"), ("runs", "runs (p99)")]),
     "idle": Spec("kib_per_session", False, ("hub", "websockets", "picows"), [
         ("target", "target"), ("sessions", "sessions"), ("kib_per_session", "KiB/session"),
         ("rss_before_mib", "RSS before MiB"), ("rss_after_mib", "RSS after MiB"),
@@ -95,7 +96,7 @@ SPECS: dict[str, Spec] = {
 PARAMS: dict[str, tuple[str, ...]] = {
     "direct": ("seconds", "pairs", "window", "body_bytes", "batch"),
     "cluster": ("seconds", "pairs", "window", "body_bytes", "batch"),
-    "latency": ("seconds", "pairs", "rate", "body_bytes"),
+    "latency": ("seconds", "pairs", "rate", "body_bytes", "idle_sessions"),
     "idle": ("sessions", "concurrency", "settle"),
     "fanout": ("seconds", "subscribers", "rate", "body_bytes", "drain", "concurrency"),
     "qos1": ("seconds", "pairs", "window", "body_bytes"),
@@ -125,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, help="latency: offered msgs/s (5000); fanout: "
                    "publishes/s (10)")
     p.add_argument("--sessions", type=int, default=10_000, help="idle: sessions (10000)")
+    p.add_argument("--idle-sessions", type=int, default=0,
+                   help="latency: this many more sessions connected and idle (heartbeats "
+                        "only) while the pairs are measured (0)")
     p.add_argument("--subscribers", type=int, default=10_000, help="fanout (10000)")
     p.add_argument("--drain", type=float, default=10.0,
                    help="fanout: seconds to wait for late deliveries (10)")

@@ -127,9 +127,12 @@ class LeanNode(asyncio.Protocol):
 
     @classmethod
     async def connect(cls, host: str, port: int, identity: Identity | None = None,
-                      wait_s: float = 30.0, **kw: Any) -> LeanNode:
+                      wait_s: float = 30.0, local_host: str | None = None,
+                      **kw: Any) -> LeanNode:
         loop = asyncio.get_running_loop()
-        _, node = await loop.create_connection(lambda: cls(identity, **kw), host, port)
+        _, node = await loop.create_connection(
+            lambda: cls(identity, **kw), host, port,
+            local_addr=(local_host, 0) if local_host else None)
         key = base64.b64encode(os.urandom(16)).decode()
         assert node.transport is not None
         node.transport.write(

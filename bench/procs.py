@@ -33,6 +33,7 @@ __all__ = [
     "cpu_seconds",
     "free_port",
     "hub_process",
+    "nofile_of",
     "pg_schema",
     "pin_self",
     "raise_nofile",
@@ -97,6 +98,18 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
         fields = f.read().rsplit(")", 1)[1].split()
     tck = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def nofile_of(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of a process (from /proc), None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def rss_kib(pid: int) -> int:

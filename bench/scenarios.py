@@ -34,7 +34,7 @@ import msgpack
 from openred.protocol.identity import Identity
 
 from bench.lean import LeanNode, client_frame, frames_of, read_stamp
-from bench.procs import Target, cpu_seconds, rss_kib
+from bench.procs import Target, cpu_seconds, nofile_of, rss_kib
 from bench.profile import Profiler
 from bench.report import Progress, cdf_points, percentiles
 
@@ -115,6 +115,21 @@ class Meter:
         return out
 
 
+# Connections from one source address to one hub share the ephemeral port range
+# (net.ipv4.ip_local_port_range: 28,232 ports by default). Past this many, loopback
+# connections are spread over 127.0.0.1, 127.0.0.2, ... (all of 127/8 is local on Linux).
+PORTS_PER_SOURCE = 25_000
+
+
+def source_of(host: str, i: int, n: int) -> str | None:
+    """The local address the i-th of n connections to `host` binds, or None (the kernel's
+    choice) when one source address has ports enough or `host` is not loopback."""
+    if n <= PORTS_PER_SOURCE or not host.startswith("127."):
+        return None
+    sources = -(-n // PORTS_PER_SOURCE)
+    return f"127.0.0.{1 + i % sources}"
+
+
 async def connect_many(target: Target, n: int, *, endpoint_of: Callable[[int], int] | None = None,
                        identities: list[Identity] | None = None,
                        hello_extra: dict[str, Any] | None = None, concurrency: int = 256,
@@ -132,6 +147,9 @@ async def connect_many(target: Target, n: int, *, endpoint_of: Callable[[int], i
     async def one(i: int) -> None:
         host, port = target.endpoints[endpoint_of(i) if endpoint_of else 0]
         kw = dict(kw_of(i)) if kw_of else {}
+        local = source_of(host, i, n)
+        if local is not None:
+            kw["local_host"] = local
         attempt = 0
         while True:
             async with sem:
@@ -237,8 +255,43 @@ async def direct(target: Target, a: argparse.Namespace, progress: Progress) -> d
 # -- latency ------------------------------------------------------------------------------
 
 
+def check_room(target: Target, sessions: int) -> None:
+    """Fail at once, naming the limit, when a server or this generator cannot hold
+    `sessions` connections (one file descriptor each, plus a few)."""
+    limits = {f"{target.name} (pid {pid})": nofile_of(pid) for pid in target.pids}
+    limits["the generator"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    per_server = -(-sessions // max(1, len(target.pids))) if target.pids else sessions
+    for who, limit in limits.items():
+        need = sessions if who == "the generator" else per_server
+        if limit is not None and need + 200 > limit:
+            raise SystemExit(
+                f"{need:,} sessions need {need + 200:,} file descriptors, but {who} may "
+                f"open {limit:,} (RLIMIT_NOFILE). Raise the hard limit (ulimit -Hn, or "
+                f"LimitNOFILE=) as root and run again.")
+
+
 async def latency(target: Target, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     n_ep = len(target.endpoints)
+    idle_nodes: list[LeanNode] = []
+    rss_idle: dict[str, Any] = {}
+    if a.idle_sessions:
+        # Sessions that only answer heartbeats while the pairs are measured: what a
+        # busy instance's event loop and memory look like with many nodes connected.
+        check_room(target, a.idle_sessions + 2 * a.pairs)
+        done = [0]
+        progress.set(f"latency {target.name}: connecting idle sessions",
+                     lambda: f"{done[0]:,}/{a.idle_sessions:,}")
+        rss0 = sum(rss_kib(p) for p in target.pids)
+        t0 = time.perf_counter()
+        idle_nodes = await connect_many(
+            target, a.idle_sessions, endpoint_of=lambda i: i % n_ep,
+            concurrency=a.concurrency,
+            on_connected=lambda i, node: done.__setitem__(0, done[0] + 1))
+        connect_s = time.perf_counter() - t0
+        rss1 = sum(rss_kib(p) for p in target.pids)
+        rss_idle = {"idle_sessions": len(idle_nodes),
+                    "idle_kib_per_session": round((rss1 - rss0) / max(1, len(idle_nodes)), 2),
+                    "idle_connects_per_s": round(len(idle_nodes) / connect_s)}
     senders = await connect_many(target, a.pairs, endpoint_of=lambda i: i % n_ep)
     receivers = await connect_many(target, a.pairs, endpoint_of=lambda i: (i + 1) % n_ep)
     lat = array("q")
@@ -300,8 +353,12 @@ async def latency(target: Target, a: argparse.Namespace, progress: Progress) -> 
     lost = sent[0] - count()
     recording[0] = False
     gone = _close_all(senders, receivers)
+    if idle_nodes:
+        rss_idle["idle_alive"] = sum(1 for node in idle_nodes if node.is_open)
+        _close_all(idle_nodes)
     pct = percentiles(lat)
     return {
+        **rss_idle,
         "offered_per_s": a.rate, "sent_per_s": round(sent_measured / m["seconds"]),
         **pct, "samples": len(lat), "lost": lost, **m, "errors": dict(errors),
         "disconnects": gone, "_cdf": cdf_points(lat), "_timeline_unit": "msgs/s received",
@@ -312,6 +369,7 @@ async def latency(target: Target, a: argparse.Namespace, progress: Progress) -> 
 
 
 async def idle(target: Target, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    check_room(target, a.sessions + 100)
     warm = await connect_many(target, 100)  # lazy imports, first allocations
     await asyncio.sleep(1.0)
     rss0 = sum(rss_kib(p) for p in target.pids)
