@@ -88,4 +88,8 @@ def make_app(hub: HubNode, registry: CollectorRegistry) -> web.Application:
     install_hygiene(app, hub.cfg.admin, max_request_bytes(hub))
     # Outermost: every request counted and timed by route template (admin_http/metrics.py).
     app.middlewares.insert(0, request_metrics(hub.metrics))
+    if hub.tracing is not None:
+        # Outermost of all: a server span per request, by route template and status
+        # (hub/tracing.py); only in place when tracing is on.
+        app.middlewares.insert(0, hub.tracing.http_middleware())
     return app

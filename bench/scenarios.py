@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+from openred.protocol.frames import array_header
 from openred.protocol.identity import Identity
 
 from bench.lean import LeanNode, client_frame, frames_of, read_stamp
@@ -43,14 +44,6 @@ __all__ = ["SCENARIO_FUNCS"]
 packb = msgpack.Packer(use_bin_type=True).pack
 ns = time.perf_counter_ns
 SAMPLE_S = 0.5  # timeline resolution
-
-
-def _batch_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 0x10000:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
 
 
 class Meter:
@@ -222,7 +215,7 @@ async def direct(target: Target, a: argparse.Namespace, progress: Progress) -> d
         s.on_payload = on_reply
         payload = packb({"t": "send", "to": r.node_id, "body": body})
         def refill_batch(n: int, s: LeanNode = s, payload: bytes = payload) -> None:
-            s.write(client_frame(_batch_header(n) + payload * n))
+            s.write(client_frame(array_header(n) + payload * n))
 
         def refill_frames(n: int, s: LeanNode = s, frame: bytes = client_frame(payload)) -> None:
             s.write(frame * n)

@@ -198,6 +198,7 @@ class Admission:
         # The node proved its identity already; replacing its old session is its right.
         old = hub.local.get(node_id)
         if old is not None and old is not session:
+            hub.presence_watch.replaced(old)  # §6.1: a replace is no presence change
             old.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
         session.register(node_id, session_id)
         hub.attach(session)
@@ -235,6 +236,7 @@ class Admission:
         store.audit_nowait("auth_ok", node_id, session.ip, {"method": auth.method}, now)
         session.activate(auth, encode_welcome(node_id, session_id, hub.cfg.limits.hb_s,
                                               pending, hub.welcome_limits))
+        hub.presence_watch.node_opened(session)  # §6.1: watchers learn it is online
         log.info("node connected", extra={
             "event": "node_connected", "node": node_id, "ip": session.ip,
             "session": session_id, "method": auth.method})
@@ -248,6 +250,7 @@ class Admission:
         "node connected", with the close code sent or received (1006: none) and how
         long the session lasted."""
         session_id = session.session_id
+        self.hub.presence_watch.node_closed(session)  # §6.1 (a replaced one is no change)
         log.info("node disconnected", extra={
             "event": "node_disconnected", "node": session.node_id, "ip": session.ip,
             "session": session_id, "close_code": session.conn.close_code,

@@ -28,6 +28,7 @@ from openred.hub.metrics import Metrics
 from openred.hub.node import HubNode
 from openred.hub.observe import Observer
 from openred.hub.tokens import TokenVerifier
+from openred.hub.tracing import Tracing, open_tracing
 from openred.persistence.backends import open_store
 from openred.persistence.store import Store
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
@@ -98,6 +99,11 @@ class RunningHub:
         self.registry.register(PLATFORM_COLLECTOR)
         async with AsyncExitStack() as stack:
             metrics = Metrics(self.registry)
+            # None when tracing is off (nothing of OpenTelemetry imported); closed last,
+            # so the spans of the drain are exported too (hub/tracing.py).
+            tracing = open_tracing(cfg)
+            if tracing is not None:
+                stack.push_async_callback(tracing.close)
             store = open_store(cfg.store.url, auto_migrate=cfg.store.auto_migrate,
                                pool_size=cfg.store.pool_size,
                                retention_days=cfg.store.retention_days,
@@ -109,8 +115,9 @@ class RunningHub:
             # Every call of the hub to its store and (Redis) broker goes through a
             # circuit breaker (hub/breaker.py): a backend that stops answering costs a
             # node one store.timeout_s, then `unavailable` at once.
-            guarded, broker = guard_backends(cfg, store, metrics)
+            guarded, broker = guard_backends(cfg, store, metrics, tracing)
             node = HubNode(cfg, guarded, broker, metrics, token_verifier(cfg))
+            node.tracing = tracing
             stack.push_async_callback(broker.close)
             await broker.start(cfg.server.instance_id, node)
             # Revoked tokens (hub/revocations.py) and the shared handshake limit.
@@ -168,22 +175,25 @@ class RunningHub:
             await stack.aclose()
 
 
-def guard_backends(cfg: Config, store: Store, metrics: Metrics) -> tuple[Store, Broker]:
+def guard_backends(cfg: Config, store: Store, metrics: Metrics,
+                   tracing: Tracing | None = None) -> tuple[Store, Broker]:
     """The store and the broker as the hub sees them: behind their breakers, counted by
-    outcome (hub/breaker.py). The memory broker cannot fail: it is not wrapped."""
+    outcome, traced when tracing is on (hub/breaker.py). The memory broker cannot fail
+    (nor reach another instance): it is not wrapped."""
     def breaker(name: str, c: StoreConfig | BrokerConfig) -> Breaker:
         b = Breaker(name, failures=c.breaker_failures, window_s=c.breaker_window_s,
                     open_s=c.breaker_open_s, probe_timeout_s=2 * cfg.store.timeout_s + 1)
         metrics.breakers[name] = b
         return b
 
+    db_system = "postgresql" if cfg.store.url.startswith("postgres") else "sqlite"
     guarded: Store = GuardedStore(store, breaker("store", cfg.store), metrics,
-                                  cfg.store.timeout_s)
+                                  cfg.store.timeout_s, tracing, db_system)
     metrics.store_pool = store.pool_usage
     broker = open_broker(cfg.broker.url, hub_id=cfg.server.hub_id)
     broker_breaker = breaker("broker", cfg.broker)
     if not cfg.broker.url.startswith("memory:"):
-        broker = GuardedBroker(broker, broker_breaker, metrics)
+        broker = GuardedBroker(broker, broker_breaker, metrics, tracing)
     return guarded, broker
 
 

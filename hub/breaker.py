@@ -24,6 +24,11 @@ Owned here:
   Redis is back, not an `open_s` later. The memory broker cannot fail and is not
   wrapped.
 
+With tracing on (hub/tracing.py), both are also where backend calls become spans: every
+store call a client span (`db.system`, `db.operation.name`: one layer, not each store
+method), the broker's publishes and what it brings from other instances messaging spans.
+Off, nothing of it is in place (bound at start-up).
+
 Both wrappers forward any method they do not know (new contract methods included) the
 same way: coroutine methods guarded, `*_nowait` methods dropped while the breaker is
 open (the contract lets them drop), anything else as it is.
@@ -45,6 +50,7 @@ from openred.persistence.store import QueueFull, StoreError, StoreUnavailable
 if TYPE_CHECKING:
     from openred.hub.broker import Broker, BrokerHandler
     from openred.hub.metrics import Metrics
+    from openred.hub.tracing import Tracing
     from openred.persistence.store import Store
 
 __all__ = ["Breaker", "BreakerState", "GuardedBroker", "GuardedStore"]
@@ -172,7 +178,7 @@ def _timed_out(exc: BaseException) -> bool:
 STORE_READS = frozenset({
     "ping", "get_node", "list_nodes", "pending", "count_pending", "message_state",
     "history_since", "last_seq", "audit_query", "revocations_since", "undelivered",
-    "pending_total",
+    "pending_total", "history_before",
 })
 # Timed in store_write_seconds: the group-committed message writes.
 STORE_WRITES = frozenset({"enqueue", "ack", "append_history"})
@@ -224,12 +230,15 @@ class GuardedStore(_Guard):
     docstring). Raises StoreUnavailable at once while the breaker is open."""
 
     def __init__(self, store: Store, breaker: Breaker, metrics: Metrics,
-                 timeout_s: float) -> None:
+                 timeout_s: float, tracing: Tracing | None = None,
+                 db_system: str = "") -> None:
         self._inner = store
         self._breaker = breaker
         self._metrics = metrics
         self._ops = metrics.store_ops
         self.timeout_s = timeout_s
+        self._tracing = tracing
+        self._db_system = db_system
 
     @property
     def inner(self) -> Store:
@@ -281,6 +290,8 @@ class GuardedStore(_Guard):
                     if observe is not None:
                         observe(time.perf_counter() - t0)
 
+        if self._tracing is not None:
+            return self._tracing.store_call(op, self._db_system, call)
         return call
 
 
@@ -288,12 +299,18 @@ class _BrokerHandler:
     """The hub's handler as the broker sees it: the same bound methods (no extra call on
     the message path), except `on_broker_up`, which closes the breaker first."""
 
-    def __init__(self, handler: BrokerHandler, breaker: Breaker) -> None:
+    def __init__(self, handler: BrokerHandler, breaker: Breaker,
+                 tracing: Tracing | None = None) -> None:
         self._handler = handler
         self._breaker = breaker
         self.on_node_frame = handler.on_node_frame
         self.on_topic_frame = handler.on_topic_frame
         self.on_control = handler.on_control
+        if tracing is not None:  # bound here, once: off, the message path is unchanged
+            self.on_node_frame = tracing.broker_node_receiver(handler.on_node_frame)
+            topics: dict[str, Any] = getattr(handler, "topics", {})
+            self.on_topic_frame = tracing.broker_topic_receiver(
+                handler.on_topic_frame, lambda topic: len(topics.get(topic, ())))
 
     def on_broker_up(self) -> None:
         self._breaker.reset()
@@ -311,17 +328,23 @@ class GuardedBroker(_Guard):
     """The hub's `Broker` when it is Redis: behind the broker breaker (module
     docstring). Raises BrokerUnavailable at once while the breaker is open."""
 
-    def __init__(self, broker: Broker, breaker: Breaker, metrics: Metrics) -> None:
+    def __init__(self, broker: Broker, breaker: Breaker, metrics: Metrics,
+                 tracing: Tracing | None = None) -> None:
         self._inner = broker
         self._breaker = breaker
         self._ops = metrics.broker_ops
+        self._tracing = tracing
+        if tracing is not None:  # an instance attribute shadowing the method: off, no layer
+            self.publish_to_node_nowait = tracing.broker_publish_nowait(  # type: ignore[method-assign]
+                self.publish_to_node_nowait)
 
     @property
     def inner(self) -> Broker:
         return self._inner  # type: ignore[no-any-return]
 
     async def start(self, instance_id: str, handler: BrokerHandler) -> None:
-        await self._inner.start(instance_id, _BrokerHandler(handler, self._breaker))
+        await self._inner.start(instance_id,
+                                _BrokerHandler(handler, self._breaker, self._tracing))
 
     def publish_to_node_nowait(self, node_id: str, frame: bytes, qos: int, mid: str,
                                want_result: bool = False) -> asyncio.Future[bool] | None:
@@ -385,4 +408,6 @@ class GuardedBroker(_Guard):
                 if outcome is not None:
                     ops[keys[outcome]] += 1
 
+        if self._tracing is not None and op in ("publish_to_node", "publish_to_topic"):
+            return self._tracing.broker_publish(op, call)
         return call

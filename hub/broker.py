@@ -20,6 +20,15 @@ Contract every implementation keeps (checked by one conformance suite):
   previous holder gets `replace` as above. It answers each node's owner after the call
   (None where the backend did not answer), so the caller closes a session that lost.
 - `control(node, command)` reaches the instance holding the node (kick, ban).
+- Presence events (docs/protocol.md §6.1, hub/presence_watch.py):
+  `publish_presence_nowait(node, online, ts, topic)` reaches every other instance that
+  watches the node (`watch_node(node, True)`), or the topic when `topic` is given
+  (`watch_topic`), as `on_presence(node, online, ts, topic)`; never the calling
+  instance, and nobody at all when nobody watches (with `want_result`, a future tells
+  whether some instance, this one included, watches). Events of one publisher keep
+  their order. A watch is confirmed by the backend before `watch_*` returns, so every
+  event published after it reaches this instance (while the backend is up: events are
+  best effort, and the watcher re-checks presence to catch what it missed).
 - A broker that cannot reach its backend raises `BrokerUnavailable`; local delivery
   never depends on it. When the backend is reachable again, the broker calls its
   handler's `on_broker_up()` (if the handler has one): whatever was published meanwhile
@@ -47,6 +56,10 @@ class BrokerHandler(Protocol):
     def on_topic_frame(self, topic: str, seq: int, frame: bytes) -> None: ...
 
     def on_control(self, node_id: str, command: str, session_id: str | None) -> None: ...
+
+    def on_presence(self, node_id: str, online: bool, ts: int, topic: str | None) -> None:
+        """Optional: a presence event another instance published (§6.1), looked up with
+        getattr like `on_broker_up`."""
 
     def on_broker_up(self) -> None:
         """Optional: the backend is reachable again (each down-to-up transition; a
@@ -89,6 +102,20 @@ class Broker(Protocol):
 
     async def control(self, node_id: str, command: str) -> bool:
         """Send kick/ban to the instance holding the node; False if none does."""
+
+    async def watch_node(self, node_id: str, on: bool) -> None:
+        """Receive (or stop receiving) other instances' presence events of the node."""
+
+    async def watch_topic(self, topic: str, on: bool) -> None:
+        """Receive (or stop receiving) other instances' events of the topic's
+        subscribers."""
+
+    def publish_presence_nowait(self, node_id: str, online: bool, ts: int,
+                                topic: str | None = None,
+                                want_result: bool = False) -> asyncio.Future[bool] | None:
+        """Queue a presence event for the instances watching the node (or `topic`);
+        with `want_result`, a future telling whether some instance watches it. Raises
+        BrokerUnavailable when the backend is known to be down."""
 
 
 class MemoryBroker:
@@ -134,3 +161,15 @@ class MemoryBroker:
 
     async def control(self, node_id: str, command: str) -> bool:
         return False
+
+    async def watch_node(self, node_id: str, on: bool) -> None:
+        pass
+
+    async def watch_topic(self, topic: str, on: bool) -> None:
+        pass
+
+    def publish_presence_nowait(self, node_id: str, online: bool, ts: int,
+                                topic: str | None = None,
+                                want_result: bool = False) -> asyncio.Future[bool] | None:
+        # Nobody else to watch: the same answer as a node nobody holds.
+        return self.publish_to_node_nowait(node_id, b"", 0, "", want_result)

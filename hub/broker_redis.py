@@ -17,6 +17,12 @@ A subscription is confirmed by Redis before `claim` / `interest` return, so what
 published after them reaches this instance (the QoS 1 replay of a new session relies
 on it: what was stored before is read from the store, what comes after arrives here).
 
+Presence events (docs/protocol.md §6.1) have channels of their own, `<prefix>wn:<node
+id>` and `<prefix>wt:<topic>`, subscribed only by instances with a local watcher of
+that node or topic (hub/presence_watch.py says why): the node and topic channels above
+keep meaning "holds the node" and "has subscribers", which presence counts and topic
+routing rely on.
+
 Publishing is batched: everything published during one event-loop turn goes out in one
 pipeline (one round trip), and frames bound for the same channel share one PUBLISH
 (a msgpack array of already-encoded frames). One writer task sends the batches one
@@ -64,6 +70,9 @@ log = logging.getLogger("openred.hub.broker")
 packb = msgpack.Packer(use_bin_type=True).pack
 
 MAX_PENDING = 100_000  # frames waiting for the next pipeline; past it, publishes fail fast
+# §6.1 presence events are best effort (watchers re-check): they are refused past half of
+# that, so a burst of them (a mass disconnect) never takes the backlog from messages.
+MAX_PENDING_EVENTS = MAX_PENDING // 2
 OWNER_TTL_S = 86_400
 _NODE, _CONTROL = 0, 1
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -108,6 +117,8 @@ class RedisBroker:
         self.prefix = f"openred:{hub_id}:"
         self._node_prefix = f"{self.prefix}n:".encode()  # channel names as Redis sends them
         self._topic_prefix = f"{self.prefix}t:".encode()
+        self._watch_node_prefix = f"{self.prefix}wn:".encode()  # §6.1 presence events
+        self._watch_topic_prefix = f"{self.prefix}wt:".encode()
         self.shards = Shards(self._url, self.cluster, pool_size=pool_size,
                              on_message=self._dispatch, on_state=self._on_shards)
         self._writer: asyncio.Task[None] | None = None
@@ -226,6 +237,20 @@ class RedisBroker:
         else:
             await self.shards.let_go(ch)
 
+    async def watch_node(self, node_id: str, on: bool) -> None:
+        """§6.1: other instances' events of `node_id` (confirmed by Redis when on)."""
+        await self._watch(f"{self.prefix}wn:{node_id}", on)
+
+    async def watch_topic(self, topic: str, on: bool) -> None:
+        """§6.1: other instances' events of `topic`'s subscribers."""
+        await self._watch(f"{self.prefix}wt:{topic}", on)
+
+    async def _watch(self, ch: str, on: bool) -> None:
+        if on:
+            await self.shards.hold(ch, wait=True)
+        else:
+            await self.shards.let_go(ch)
+
     async def owner(self, node_id: str) -> str | None:
         key = f"{self.prefix}owner:{node_id}"
         v = await self.shards.call(key, "GET", key)
@@ -251,6 +276,18 @@ class RedisBroker:
         fut = self._queue(self._node_channel(node_id), [_CONTROL, command, None], True)
         assert fut is not None
         return await fut
+
+    def publish_presence_nowait(self, node_id: str, online: bool, ts: int,
+                                topic: str | None = None,
+                                want_result: bool = False) -> asyncio.Future[bool] | None:
+        """§6.1: an event for the instances watching the node (or the topic), in this
+        loop turn's pipeline; Redis drops it when no instance watches, and the receiver
+        count answers `want_result`."""
+        if self._queued >= MAX_PENDING_EVENTS:
+            raise BrokerUnavailable("broker backlog full")
+        if topic is None:
+            return self._queue(f"{self.prefix}wn:{node_id}", [online, ts], want_result)
+        return self._queue(f"{self.prefix}wt:{topic}", [node_id, online, ts], want_result)
 
     def _queue(self, ch: str, entry: list[Any], want_result: bool) -> asyncio.Future[bool] | None:
         if not self.up or self._queued >= MAX_PENDING:
@@ -329,6 +366,10 @@ class RedisBroker:
             self._on_node(channel[len(self._node_prefix):].decode(), data)
         elif channel.startswith(self._topic_prefix):
             self._on_topic(channel[len(self._topic_prefix):].decode(), data)
+        elif channel.startswith(self._watch_node_prefix):
+            self._on_presence(channel[len(self._watch_node_prefix):].decode(), None, data)
+        elif channel.startswith(self._watch_topic_prefix):
+            self._on_presence(None, channel[len(self._watch_topic_prefix):].decode(), data)
 
     def _on_node(self, node_id: str, data: bytes) -> None:
         handler = self._handler
@@ -365,6 +406,20 @@ class RedisBroker:
             return  # fanned out locally already
         for seq, frame in entries:
             handler.on_topic_frame(topic, seq, frame)
+
+    def _on_presence(self, node_id: str | None, topic: str | None, data: bytes) -> None:
+        """§6.1 events of a watched node (`node_id`) or topic (`topic`)."""
+        on_presence = getattr(self._handler, "on_presence", None)
+        if on_presence is None:
+            return
+        origin, entries = msgpack.unpackb(data, raw=False)
+        if origin == self.instance_id:
+            return  # told to the local watchers already
+        for entry in entries:
+            if topic is None:
+                on_presence(node_id, entry[0], entry[1], None)
+            else:
+                on_presence(entry[0], entry[1], entry[2], topic)
 
     # -- presence -------------------------------------------------------------------
 

@@ -184,6 +184,7 @@ class Claims:
         holder now (a resync hint), not at the node's next session."""
         inbox = session.inbox
         in_flight = inbox is not None and not inbox.idle
+        self.hub.presence_watch.replaced(session)  # §6.1: no presence change
         session.close(E.CLOSE_REPLACED, "replaced", bye=encode_bye("replaced"))
         log.info("session replaced", extra={"event": "session_replaced",
                                             "in_flight": in_flight})

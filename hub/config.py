@@ -54,6 +54,7 @@ __all__ = [
     "LogConfig",
     "ServerConfig",
     "StoreConfig",
+    "TracingConfig",
     "config_keys",
     "effective_limits",
     "env_var_name",
@@ -442,6 +443,9 @@ class LimitsConfig:
     # the per-IP count 429 (0: no per-IP cap).
     max_connections: int = _key(100_000, ge=1)
     max_connections_per_ip: int = _key(1000, ge=0)
+    # docs/protocol.md §6.1: nodes and topics one session watches, together (last, so
+    # that the positional order of the keys above stays).
+    max_watch: int = _key(1000, ge=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,6 +460,9 @@ class StoreConfig:
     message_ttl_s: int = _key(604800, ge=1)
     topic_history: int = _key(100, ge=0)
     topic_history_ttl_s: int = _key(86400, ge=1)
+    # docs/protocol.md §4.2: how long a QoS 1 send's (sender, cid) is remembered, from
+    # the first send; a repeat within it gets the first's mid (`dup`) and is not stored.
+    dedup_window_s: int = _key(600, ge=1)
     retention_days: int = _key(30, ge=1)
     # A streaming replica of `url` for reads that tolerate staleness (admin lists, the
     # audit, message state, old topic history); None: every read on `url`.
@@ -482,6 +489,7 @@ class StoreConfig:
             f"pool_size={self.pool_size!r}, message_ttl_s={self.message_ttl_s!r}, "
             f"topic_history={self.topic_history!r}, "
             f"topic_history_ttl_s={self.topic_history_ttl_s!r}, "
+            f"dedup_window_s={self.dedup_window_s!r}, "
             f"retention_days={self.retention_days!r}, read_url={read_url!r}, "
             f"timeout_s={self.timeout_s!r}, breaker_failures={self.breaker_failures!r}, "
             f"breaker_window_s={self.breaker_window_s!r}, "
@@ -516,6 +524,33 @@ class LogConfig:
     format: str = _key("json", choices=("json", "text", "ecs"))
 
 
+_ENDPOINT_ALLOWED: Final = "must be an http:// or https:// URL (an OTLP/HTTP traces endpoint)"
+
+
+def _check_endpoint(value: str) -> str:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Bad(_ENDPOINT_ALLOWED)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """[tracing]: OpenTelemetry spans exported over OTLP/HTTP (hub/tracing.py,
+    docs/tracing.md); docs/protocol.md §13 trace context. Off: no OpenTelemetry package
+    is imported and no message pays for it."""
+
+    enabled: bool = _key(False)
+    # The collector's OTLP/HTTP traces URL (Jaeger, the OpenTelemetry Collector, ...).
+    endpoint: str = _key("http://127.0.0.1:4318/v1/traces", check=_check_endpoint,
+                         allowed=_ENDPOINT_ALLOWED)
+    service_name: str = _key("openred-hub", check=_check_ident, allowed=_IDENT_ALLOWED)
+    # Parent-based: a message whose node sent a sampled `traceparent` is traced
+    # whatever this says; this is the share of the traces the hub starts itself
+    # (handshakes, admin requests, housekeeping).
+    sample_ratio: float = _key(0.1, ge=0, le=1)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole hub configuration, one attribute per section of hub.toml."""
@@ -527,6 +562,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 # --- the schema, derived from the dataclasses above --------------------------------------

@@ -22,8 +22,8 @@ import time
 from collections import defaultdict
 from typing import Protocol
 
+from openred.hub.meta import stored_msg
 from openred.persistence.store import StoredMessage, StoreUnavailable
-from openred.protocol.frames import encode_msg
 
 __all__ = ["BACKLOG_PAGE", "Inbox", "Sink"]
 
@@ -271,7 +271,7 @@ class Inbox:
                             mids = []
                             if not await sink.wait_room():
                                 return
-                        sink.push(encode_msg(m.mid, m.sender, m.body, m.created, 1, m.sig))
+                        sink.push(stored_msg(m))  # with its meta (§4.1)
                         mids.append(m.mid)
                 self._delivered(mids, now)
                 if page:

@@ -15,6 +15,9 @@ Why not the `ecs-logging` package: its formatter puts every `extra` field at the
 the document, where ours collide with ECS (`event` is an object in ECS, a string here:
 Elasticsearch would reject the line); renaming them is most of what a formatter does,
 so the few ECS fields are written here instead.
+
+With tracing on (hub/tracing.py), a line written within a span carries its ids:
+`trace_id` and `span_id` in JSON, ECS's `trace.id` and `span.id` in ECS.
 """
 
 from __future__ import annotations
@@ -23,11 +26,21 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EcsFormatter", "setup_logging"]
+__all__ = ["EcsFormatter", "set_trace_ids", "setup_logging"]
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+# (trace_id, span_id) of the current span, or None; set by hub/tracing.py when tracing is
+# on. None (off): one global check per line, no OpenTelemetry module imported.
+_trace_ids: Callable[[], tuple[str, str] | None] | None = None
+
+
+def set_trace_ids(fn: Callable[[], tuple[str, str] | None] | None) -> None:
+    global _trace_ids
+    _trace_ids = fn
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,6 +55,9 @@ class JsonFormatter(logging.Formatter):
         for k, v in record.__dict__.items():
             if k not in _STD:
                 out[k] = v
+        ids = _trace_ids() if _trace_ids is not None else None
+        if ids is not None:
+            out["trace_id"], out["span_id"] = ids
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -128,6 +144,9 @@ class EcsFormatter(logging.Formatter):
             doc["event"]["category"], doc["event"]["type"] = category, kind
             if outcome is not None:
                 doc["event"]["outcome"] = outcome
+        ids = _trace_ids() if _trace_ids is not None else None
+        if ids is not None:  # ECS trace.id / span.id: Kibana links the line to its trace
+            doc["trace"], doc["span"] = {"id": ids[0]}, {"id": ids[1]}
         if http and isinstance(extra.get("status"), int):
             doc["event"].setdefault("outcome", "success" if extra["status"] < 400 else "failure")
         if record.exc_info and record.exc_info[0] is not None:

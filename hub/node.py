@@ -28,11 +28,14 @@ from openred.hub.claims import Claims
 from openred.hub.config import Config, effective_limits
 from openred.hub.forwarded import TrustedProxies
 from openred.hub.handshake import ServerHandshake
+from openred.hub.meta import direct_msg, history_item, topic_msg
 from openred.hub.metrics import Metrics
+from openred.hub.presence_watch import WATCHED_COMMAND, PresenceWatch
 from openred.hub.resync import RESYNC_COMMAND, Resyncs
 from openred.hub.session import ACTIVE, CLOSED, Session
 from openred.hub.tokens import TokenVerifier
 from openred.hub.topic_order import TopicOrder
+from openred.hub.tracing import Tracing
 from openred.hub.transport import OPEN, Connection
 from openred.persistence.store import (
     HistoryEntry,
@@ -45,11 +48,13 @@ from openred.persistence.store import (
 from openred.protocol import errors as E
 from openred.protocol.frames import (
     DecodeLimits,
+    History,
     Send,
     encode_bye,
+    encode_history_ok,
     encode_msg,
     encode_receipt,
-    encode_topic_msg,
+    history_ok_overhead,
 )
 from openred.protocol.ids import MidGenerator
 
@@ -73,6 +78,9 @@ class HubNode:
         self.broker = broker
         self.metrics = metrics
         self.verifier = verifier
+        # hub/tracing.py when tracing is on (set by hub/app.py at start-up), else None:
+        # the one check the message path makes for it.
+        self.tracing: Tracing | None = None
         self.loop = asyncio.get_running_loop()
         self.instance_id = cfg.server.instance_id
         self.clustered = not cfg.broker.url.startswith("memory:")
@@ -83,6 +91,7 @@ class HubNode:
         # a node that never acks costs at most about 1 MB here.
         self.max_unacked = min(cfg.limits.max_pending_per_node, UNACKED_TRACKED)
         self.message_ttl_s = cfg.store.message_ttl_s
+        self.dedup_window_ms = cfg.store.dedup_window_s * 1000  # §4.2
         self.verify_body_sig = cfg.auth.verify_body_sig
         self.decode_limits = DecodeLimits(max_body_bytes=cfg.limits.max_body_bytes)
         self.welcome_limits = effective_limits(cfg)
@@ -110,6 +119,7 @@ class HubNode:
         self.claims = Claims(self)
         self.topic_order = TopicOrder(self)
         self.admission = Admission(self)
+        self.presence_watch = PresenceWatch(self)  # §6.1 watch registry and events
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -202,6 +212,7 @@ class HubNode:
                     c.send_ping()
             self.resyncs.hint_if_due()
             self.claims.retry_if_due()
+            self.presence_watch.recheck_if_due()
             if tick % 60 == 0:
                 try:
                     await self.store.purge_expired(_now_ms())
@@ -228,6 +239,7 @@ class HubNode:
         self.metrics.connections -= 1
         for topic in session.topics:
             self._drop_subscriber(session, topic)
+        self.presence_watch.forget(session)
 
     # -- routing ------------------------------------------------------------------
 
@@ -266,12 +278,18 @@ class HubNode:
         this one is delivered or refused, whatever happens to the sender's session."""
         delivery: asyncio.Task[None] | None = None
         try:
-            if not await self._store_q1(session, f, mid, ts):
+            stored = await self._store_q1(session, f, mid, ts)
+            if stored is None:
+                return
+            if stored != mid:
+                # §4.2: a repeat of a remembered cid gets the first's ok again, with its
+                # mid; it is neither stored nor delivered again.
+                session.reply_ok(f.id, mid=stored, status="stored", dup=True)
                 return
             # §5: a hint the broker cannot carry now is durable before the ok, too.
             await self.resyncs.before_ok(f.to, mid)
             session.reply_ok(f.id, mid=mid, status="stored")  # §5: stored before ok
-            frame = encode_msg(mid, session.node_id, f.body, ts, 1, f.sig)
+            frame = direct_msg(mid, session.node_id, f.body, ts, 1, f.sig, f.meta)
             # Accepted: from here on the delivery is the hub's, not the sender session's:
             # a task of the hub's own, so that the sender going away (its tasks
             # cancelled) does not keep an online recipient from a message it was told
@@ -282,31 +300,36 @@ class HubNode:
             if delivery is None and not routed.done():
                 routed.set_result(None)  # refused (or cancelled): later ones need not wait
 
-    async def _store_q1(self, session: Session, f: Send, mid: str, ts: int) -> bool:
-        """Store a QoS 1 message; False (the error answered) when it is refused."""
+    async def _store_q1(self, session: Session, f: Send, mid: str, ts: int) -> str | None:
+        """Store a QoS 1 message; the mid it is stored under (`mid`, or the first's for a
+        repeated cid, §4.2), or None (the error answered) when it is refused."""
         store = self.store
         try:
             if self.allowlist:
                 rec = await store.get_node(f.to)
                 if rec is None or not rec.registered:
                     session.reply_error(f.id, E.NO_ROUTE, "node is not registered")
-                    return False
+                    return None
             ttl = f.ttl if f.ttl is not None else self.message_ttl_s
             msg = StoredMessage(mid, session.node_id, f.to, f.body, ts, ts + ttl * 1000,
-                                f.sig, f.receipt)
+                                f.sig, f.receipt, f.meta)
             # Timed (store_write_seconds, failures too) by the store's guard: hub/breaker.py.
-            await store.enqueue(msg, self.cfg.limits.max_pending_per_node)
+            # §4.2: the cid is remembered in the transaction that stores the message; a
+            # repeat queued behind its first (same batch, or one being committed by
+            # another instance) gets the first's outcome.
+            first = await store.enqueue(msg, self.cfg.limits.max_pending_per_node,
+                                        cid=f.cid, dedup_window_ms=self.dedup_window_ms)
+            return mid if first is None else first
         except QueueFull:
             session.reply_error(f.id, E.QUEUE_FULL, "recipient queue is full")
-            return False
+            return None
         except StoreUnavailable:
             session.reply_error(f.id, E.UNAVAILABLE, "store unavailable")
-            return False
+            return None
         except StoreError:  # refused for this message alone (e.g. a duplicate mid)
             log.exception("qos 1 store write refused", extra={"event": "store_refused"})
             session.reply_error(f.id, E.INTERNAL, "message not stored")
-            return False
-        return True
+            return None
 
     async def _deliver_in_order(self, node_id: str, mid: str, frame: bytes,
                                 prev: asyncio.Future[Any] | None,
@@ -409,6 +432,7 @@ class HubNode:
                 self._interest[topic] = pending
                 pending.add_done_callback(partial(self._interest_done, topic))
         subs.add(session)
+        self.presence_watch.topic_changed(session.node_id, topic, True)  # §6.1
         return self._interest.get(topic)
 
     def _interest_done(self, topic: str, fut: asyncio.Future[Any]) -> None:
@@ -422,9 +446,10 @@ class HubNode:
 
     def _drop_subscriber(self, session: Session, topic: str) -> None:
         subs = self.topics.get(topic)
-        if subs is None:
+        if subs is None or session not in subs:
             return
         subs.discard(session)
+        self.presence_watch.topic_changed(session.node_id, topic, False)  # §6.1
         if not subs:
             del self.topics[topic]
             self.topic_order.stop(topic)
@@ -432,8 +457,10 @@ class HubNode:
                 self.background(self.broker.interest(topic, False))
 
     async def publish(self, session: Session | None, fid: int | str | None, topic: str,
-                      body: bytes, sender: str | None = None) -> tuple[str, int] | None:
-        """Sequence, keep in history, fan out (local, then other instances)."""
+                      body: bytes, sender: str | None = None, *, sig: bytes | None = None,
+                      meta: dict[str, str] | None = None) -> tuple[str, int] | None:
+        """Sequence, keep in history (with `sig` and `meta`, §5.1, §4.1), fan out
+        (local, then other instances)."""
         sender = sender if sender is not None else session.node_id if session else ADMIN_SENDER
         ts = _now_ms()
         mid = self.mid(ts)
@@ -443,13 +470,13 @@ class HubNode:
             # instances, with or without the broker (local subscribers keep getting it
             # while the broker is away; others catch up from history when it is back).
             seq = await self.store.append_history(
-                HistoryEntry(topic, 0, mid, sender, body, ts), self.cfg.store.topic_history,
-                self.cfg.store.topic_history_ttl_s * 1000)
+                HistoryEntry(topic, 0, mid, sender, body, ts, sig, meta),
+                self.cfg.store.topic_history, self.cfg.store.topic_history_ttl_s * 1000)
         except StoreUnavailable:
             if session is not None:
                 session.reply_error(fid, E.UNAVAILABLE, "store unavailable")
             return None
-        frame = encode_topic_msg(mid, sender, topic, seq, body, ts)
+        frame = topic_msg(mid, sender, topic, seq, body, ts, sig, meta)
         # To local subscribers in seq order (hub/topic_order.py), like the publications
         # of other instances.
         self.topic_order.deliver(topic, seq, frame, sender,
@@ -468,6 +495,33 @@ class HubNode:
         """What topic history holds after `since` (§6 recovery)."""
         return await self.store.history_since(
             topic, since, _now_ms(), self.cfg.store.topic_history_ttl_s * 1000)
+
+    async def history(self, f: History) -> bytes | None:
+        """§5.2: the encoded `ok` of a `history` request, None when the store cannot
+        answer. The newest `limit` kept messages below `before`, oldest first; the
+        oldest are left out until the reply fits in one message of max_frame_bytes."""
+        try:
+            # One more than asked: whether older messages remain (`more`).
+            entries = await self.store.history_before(
+                f.topic, f.before, f.limit + 1, _now_ms(),
+                self.cfg.store.topic_history_ttl_s * 1000)
+            seq = await self.store.last_seq(f.topic)  # after the read: >= every entry's
+        except StoreError:
+            return None
+        more = len(entries) > f.limit
+        if more:
+            del entries[0]
+        items = [history_item(e) for e in entries]
+        room = self.cfg.limits.max_frame_bytes - history_ok_overhead(f.id, seq, len(items))
+        size = sum(map(len, items))
+        first = 0
+        while size > room and first < len(items):
+            size -= len(items[first])
+            first += 1
+        if first:
+            items = items[first:]
+            more = True
+        return encode_history_ok(f.id, seq, items, more)
 
     async def topic_seq(self, topic: str) -> int:
         """The topic's current sequence, cluster wide (the store numbers topics)."""
@@ -557,6 +611,7 @@ class HubNode:
         meanwhile (`TopicOrder.catch_up`)."""
         self.resyncs.on_broker_up(list(self.local.values()))
         self.claims.on_broker_up()  # one session per node again (hub/claims.py)
+        self.presence_watch.on_broker_up()  # watches re-made, presence read again (§6.1)
         self.topic_order.catch_up()
 
     # -- broker handler (traffic from other instances) --------------------------------
@@ -574,6 +629,10 @@ class HubNode:
         # The sender is on another instance (one session per node): nobody to exclude.
         self.topic_order.deliver(topic, seq, frame, None)
 
+    def on_presence(self, node_id: str, online: bool, ts: int, topic: str | None) -> None:
+        """A §6.1 event from another instance, for the watchers here."""
+        self.presence_watch.on_remote(node_id, online, ts, topic)
+
     def on_control(self, node_id: str, command: str, session_id: str | None) -> None:
         s = self.local.get(node_id)
         if s is None or (session_id is not None and s.session_id == session_id):
@@ -586,6 +645,8 @@ class HubNode:
             s.close(E.CLOSE_FORBIDDEN, "banned", bye=encode_bye("banned"))
         elif command == RESYNC_COMMAND:
             self.resync(s)
+        elif command == WATCHED_COMMAND:  # §6.1: another instance watches this node
+            self.presence_watch.watched_elsewhere(node_id)
 
 
 def _remote_result(session: Session, fid: int | str | None, mid: str,

@@ -83,3 +83,9 @@ def check_files(cfg: Config) -> None:
         except ValueError as exc:
             raise _fail("auth.jwt_private_key_file", a.jwt_private_key_file,
                         str(exc)) from None
+    if cfg.tracing.enabled:
+        # The OpenTelemetry packages are the `tracing` extra: missing, say so before
+        # anything listens (hub/tracing.py imports them only when tracing is on).
+        from openred.hub.tracing import check_available
+
+        check_available()

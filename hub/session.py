@@ -10,7 +10,7 @@ never calls the store or the broker itself. QoS 1 delivery to this session, repl
 resync belong to its `Inbox` (hub/inbox.py).
 
 Why this module is over 500 lines: it is one state machine and the handler of each frame
-type it dispatches to (send, pub, sub with its recovery, unsub, presence, ack); splitting
+type it dispatches to (send, pub, sub with its recovery, unsub, presence, history, ack); splitting
 the handlers from the machine would only move the same calls between two files.
 """
 
@@ -26,6 +26,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from openred.hub.inbox import Inbox
+from openred.hub.meta import direct_msg, topic_msg_of
 from openred.hub.ratelimit import TokenBucket
 from openred.hub.tokens import topic_allowed
 from openred.protocol import errors as E
@@ -33,18 +34,19 @@ from openred.protocol.errors import DecodeError, FrameError
 from openred.protocol.frames import (
     Ack,
     Hello,
+    History,
     Presence,
     Pub,
     Send,
     Sub,
     Unsub,
+    Unwatch,
+    Watch,
     decode_client,
     encode_error,
-    encode_msg,
     encode_ok,
-    encode_topic_msg,
 )
-from openred.protocol.identity import body_message, verify_signature
+from openred.protocol.identity import body_message, topic_message, verify_signature
 
 if TYPE_CHECKING:
     from openred.hub.handshake import Authenticated, ServerHandshake
@@ -248,7 +250,11 @@ class Session:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        self.spawn(admission.authenticate(self, hello))
+        tracing = self.hub.tracing
+        if tracing is None:
+            self.spawn(admission.authenticate(self, hello))
+        else:  # a `handshake` span around it, its store and broker calls inside
+            self.spawn(tracing.handshake(self, hello, admission.authenticate(self, hello)))
 
     def register(self, node_id: str, session_id: str) -> None:
         """Admission made this session routable (still before welcome): frames for it
@@ -263,8 +269,10 @@ class Session:
         inbox = self.inbox
         if inbox is None:
             hub = self.hub
+            # With tracing on, each QoS 1 write is a `deliver` span (hub/tracing.py).
+            sink = self if hub.tracing is None else hub.tracing.sink(self)
             inbox = self.inbox = Inbox(
-                self.node_id, hub.store, self, hub.metrics.frames_out,
+                self.node_id, hub.store, sink, hub.metrics.frames_out,
                 max_unacked=hub.max_unacked, max_backlog=hub.send_queue_max,
                 max_backlog_bytes=hub.cfg.limits.send_queue_max_bytes)
         return inbox
@@ -298,6 +306,7 @@ class Session:
         now = self.loop.time()
         self.rx_time = now
         bucket = self._bucket
+        tracing = hub.tracing  # hub/tracing.py, None when off: a check, no call, per frame
         for f in frames:
             if self.state is not ACTIVE:
                 return
@@ -311,10 +320,16 @@ class Session:
                 continue
             if t is Send:
                 frames_in["send"] += 1
-                self._on_send(f)
+                if tracing is None or f.meta is None:
+                    self._on_send(f)
+                else:  # docs/protocol.md §13: continue the node's trace
+                    tracing.on_send(self, f)
             elif t is Pub:
                 frames_in["pub"] += 1
-                self._on_pub(f)
+                if tracing is None or f.meta is None:
+                    self._on_pub(f)
+                else:
+                    tracing.on_pub(self, f)
             elif t is FrameError:
                 frames_in["invalid"] += 1
                 self.reply_error(f.id, f.code, f.msg)
@@ -327,6 +342,15 @@ class Session:
             elif t is Presence:
                 frames_in["presence"] += 1
                 self._control(partial(self._presence, f))
+            elif t is Watch:  # §6.1, hub/presence_watch.py
+                frames_in["watch"] += 1
+                self._control(partial(hub.presence_watch.watch, self, f))
+            elif t is Unwatch:
+                frames_in["unwatch"] += 1
+                self._control(partial(hub.presence_watch.unwatch, self, f))
+            elif t is History:  # §5.2
+                frames_in["history"] += 1
+                self._control(partial(self._history, f))
             else:  # Hello after welcome
                 frames_in["hello"] += 1
                 self.reply_error(f.id, E.BAD_FRAME, "already authenticated")
@@ -429,7 +453,7 @@ class Session:
         ts = time.time_ns() // 1_000_000
         mid = hub.mid(ts)
         if f.qos == 0:
-            frame = encode_msg(mid, self.node_id, f.body, ts, 0, f.sig)
+            frame = direct_msg(mid, self.node_id, f.body, ts, 0, f.sig, f.meta)
             tail = self._q1_tail
             if tail is not None and not tail.done():
                 # §5 order: a QoS 0 message waits for earlier QoS 1 ones to be routed,
@@ -469,7 +493,11 @@ class Session:
             inbox.acked(f.mids)
             if inbox.idle:
                 self.inbox = None
-        self.spawn(self.hub.ack(self, f.mids, f.id))
+        tracing = self.hub.tracing
+        if tracing is None:
+            self.spawn(self.hub.ack(self, f.mids, f.id))
+        else:  # an `ack` span per traced mid, child of its delivery (hub/tracing.py)
+            self.spawn(tracing.ack(f.mids, self.hub.ack(self, f.mids, f.id)))
 
     # -- topics (§6) --------------------------------------------------------------------
 
@@ -477,7 +505,17 @@ class Session:
         if not topic_allowed(self.topics_allowed, f.topic):
             self.reply_error(f.id, E.FORBIDDEN, "topic not allowed by token")
             return
-        self.spawn(self.hub.publish(self, f.id, f.topic, f.body), len(f.body))
+        if self.hub.verify_body_sig:  # §5.1: checked as for send (§4)
+            key = self.key
+            if key is None:
+                self.reply_error(f.id, E.FORBIDDEN, "sig: this node has no key to verify")
+                return
+            if f.sig is None or not verify_signature(key, topic_message(f.topic, f.body),
+                                                     f.sig):
+                self.reply_error(f.id, E.FORBIDDEN, "sig: does not verify")
+                return
+        self.spawn(self.hub.publish(self, f.id, f.topic, f.body, sig=f.sig, meta=f.meta),
+                   len(f.body))
 
     def push_topic(self, topic: str, seq: int, frame: bytes) -> None:
         rec = self.topics.get(topic)
@@ -561,7 +599,7 @@ class Session:
         merged: dict[int, bytes] = {}
         for e in entries:
             if e.seq < cursor and e.sender != me:  # §6: never one's own publication
-                merged[e.seq] = encode_topic_msg(e.mid, e.sender, topic, e.seq, e.body, e.ts)
+                merged[e.seq] = topic_msg_of(e)
         live = rec.items
         rec.items = [(s, fr) for s, fr in live if s >= cursor]
         rec.nbytes = sum(len(fr) for _, fr in rec.items)
@@ -600,6 +638,19 @@ class Session:
             self.reply_error(f.id, E.UNAVAILABLE, "presence unavailable")
             return
         self.reply_ok(f.id, online=online)
+
+    # -- history (§5.2) -----------------------------------------------------------------
+
+    async def _history(self, f: History) -> None:
+        if not topic_allowed(self.topics_allowed, f.topic):
+            self.reply_error(f.id, E.FORBIDDEN, "topic not allowed by token")
+            return
+        reply = await self.hub.history(f)
+        if reply is None:
+            self.reply_error(f.id, E.UNAVAILABLE, "history unavailable")
+            return
+        self.hub.metrics.frames_out["ok"] += 1
+        self.push(reply)
 
 
 def _is_hello(data: bytes) -> bool:

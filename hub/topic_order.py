@@ -27,7 +27,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from openred.protocol.frames import encode_topic_msg
+from openred.hub.meta import topic_msg_of
 
 if TYPE_CHECKING:
     from openred.hub.node import HubNode
@@ -175,16 +175,13 @@ class TopicOrder:
                     if not overdue:
                         # Hold what history has after it; read again in HOLD_S.
                         for later in entries[i:]:
-                            cur.hold(later.seq, encode_topic_msg(
-                                later.mid, later.sender, topic, later.seq, later.body,
-                                later.ts), later.sender)
+                            cur.hold(later.seq, topic_msg_of(later), later.sender)
                         if not cur.gap_since:
                             cur.gap_since = now
                         break
                     self._skip(topic, cur, e.seq)
                 held = cur.take(e.seq) if e.seq in cur.held else None
-                frame = held[0] if held is not None else encode_topic_msg(
-                    e.mid, e.sender, topic, e.seq, e.body, e.ts)
+                frame = held[0] if held is not None else topic_msg_of(e)  # meta, sig kept
                 self.hub.fanout(topic, e.seq, frame, e.sender)
                 cur.next = e.seq + 1
             if overdue and cur.held and cur.next not in cur.held:

@@ -25,7 +25,8 @@ once the server answers again, and the callers learn the real outcome (never `ok
 batch that was rolled back, never `unavailable` for one that committed). Only if the
 server stays away longer than `in_doubt_timeout_s` do they get `unavailable` unresolved;
 should that batch turn out committed later, its messages are taken back (deleted) so
-that none refused is delivered. The pool reconnects by itself when the server returns.
+that none refused is delivered (except those sent with a `cid`: docs/protocol.md §4.2,
+`_compensate`). The pool reconnects by itself when the server returns.
 
 Read replica (`store.read_url`): a second pool, on a streaming replica of the same
 database, for the reads that tolerate replication lag: `list_nodes` (admin lists),
@@ -233,8 +234,8 @@ def _dumps(value: dict[str, Any], default: Callable[[Any], Any] | None = None) -
 # -- SQL ------------------------------------------------------------------------------------
 
 _NODE_COLUMNS = "id, key, meta::text, banned, registered, first_seen, last_seen"
-_MESSAGE_COLUMNS = "mid, sender, recipient, body, created, expires, sig, receipt"
-_HISTORY_COLUMNS = "topic, seq, mid, sender, body, ts"
+_MESSAGE_COLUMNS = "mid, sender, recipient, body, created, expires, sig, receipt, meta"
+_HISTORY_COLUMNS = "topic, seq, mid, sender, body, ts, sig, meta"
 
 _SQL_GET_NODE = f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = $1"
 _SQL_NODE_SEEN = (
@@ -281,13 +282,47 @@ _SQL_COUNT_MANY = (
 )
 # ORDER BY ord: seq (the column default) is drawn in call order, after the sort.
 _SQL_INSERT_MESSAGES = (
-    "INSERT INTO messages (mid, sender, recipient, body, sig, receipt, created, expires)"
-    " SELECT mid, sender, recipient, body, sig, receipt, created, expires"
+    "INSERT INTO messages (mid, sender, recipient, body, sig, receipt, created, expires,"
+    " meta)"
+    " SELECT mid, sender, recipient, body, sig, receipt, created, expires, meta"
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[],"
-    " $6::boolean[], $7::bigint[], $8::bigint[])"
-    " WITH ORDINALITY AS t(mid, sender, recipient, body, sig, receipt, created, expires, ord)"
+    " $6::boolean[], $7::bigint[], $8::bigint[], $9::text[])"
+    " WITH ORDINALITY AS t(mid, sender, recipient, body, sig, receipt, created, expires,"
+    " meta, ord)"
     " ORDER BY ord"
 )
+# docs/protocol.md §4.2, one statement per batch that has cids (after the batch's own
+# repeats are set aside): remember each (sender, cid) for the message first sent with
+# it, and answer the mid remembered now, the new one or, for a repeat, the older one
+# (a row past its window is taken over). DO UPDATE, not DO NOTHING, so that RETURNING
+# answers for every key, and a key another instance is committing waits for that commit
+# and answers its mid. Keys in order: two batches lock shared keys in the same order.
+_SQL_DEDUP = (
+    "INSERT INTO dedup AS d (sender, cid, mid, created, expires)"
+    " SELECT sender, cid, mid, created, expires"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])"
+    " AS t(sender, cid, mid, created, expires) ORDER BY sender, cid"
+    " ON CONFLICT (sender, cid) DO UPDATE SET"
+    " mid = CASE WHEN d.expires <= excluded.created THEN excluded.mid ELSE d.mid END,"
+    " created = CASE WHEN d.expires <= excluded.created THEN excluded.created"
+    " ELSE d.created END,"
+    " expires = CASE WHEN d.expires <= excluded.created THEN excluded.expires"
+    " ELSE d.expires END"
+    " RETURNING sender, cid, mid"
+)
+# Rare corrections within the same transaction, when the message a row was written for
+# is not stored after all (refused: QueueFull, a duplicate mid), or a later one of the
+# batch with the same cid is stored in its place.
+_SQL_DEDUP_DROP = (
+    "DELETE FROM dedup AS d USING unnest($1::text[], $2::text[], $3::text[]) AS k(sender,"
+    " cid, mid) WHERE d.sender = k.sender AND d.cid = k.cid AND d.mid = k.mid"
+)
+_SQL_DEDUP_SET = (
+    "UPDATE dedup AS d SET mid = k.mid, created = k.created, expires = k.expires"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])"
+    " AS k(sender, cid, mid, created, expires) WHERE d.sender = k.sender AND d.cid = k.cid"
+)
+_SQL_PURGE_DEDUP = "DELETE FROM dedup WHERE expires <= $1"
 # After a duplicate key failed the batch: skip the duplicates, and tell which they were.
 # (Not the first try: ON CONFLICT costs a fifth of the insert, and mids are unique.)
 _SQL_INSERT_MESSAGES_CAREFUL = (
@@ -333,7 +368,7 @@ _SQL_CLEAR_HISTORY = "DELETE FROM history WHERE topic = ANY($1::text[])"
 _SQL_INSERT_HISTORY = (
     f"INSERT INTO history ({_HISTORY_COLUMNS})"
     " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bytea[],"
-    " $6::bigint[])"
+    " $6::bigint[], $7::bytea[], $8::text[])"
 )
 _SQL_INSERT_HISTORY_CAREFUL = (
     _SQL_INSERT_HISTORY + " ON CONFLICT (topic, seq) DO NOTHING RETURNING topic, seq"
@@ -350,6 +385,11 @@ _SQL_TRIM_HISTORY = (
 _SQL_HISTORY_SINCE = (
     f"SELECT {_HISTORY_COLUMNS} FROM history WHERE topic = $1 AND seq > $2 AND ts > $3"
     " ORDER BY seq"
+)
+# docs/protocol.md §5.2: the newest first, down the primary key (the caller reverses).
+_SQL_HISTORY_BEFORE = (
+    f"SELECT {_HISTORY_COLUMNS} FROM history WHERE topic = $1 AND seq < $2 AND ts > $3"
+    " ORDER BY seq DESC LIMIT $4"
 )
 _SQL_LAST_SEQ = "SELECT last_seq FROM topics WHERE name = $1"
 # On the replica: the entries at or before the age bound ($4), only when the replica has
@@ -428,7 +468,23 @@ def _node(row: Any) -> NodeRecord:
 
 def _message(row: Any) -> StoredMessage:
     return StoredMessage(mid=row[0], sender=row[1], recipient=row[2], body=row[3],
-                         created=row[4], expires=row[5], sig=row[6], receipt=row[7])
+                         created=row[4], expires=row[5], sig=row[6], receipt=row[7],
+                         meta=_meta_of(row[8]))
+
+
+def _history(row: Any) -> HistoryEntry:
+    return HistoryEntry(topic=row[0], seq=row[1], mid=row[2], sender=row[3], body=row[4],
+                        ts=row[5], sig=row[6], meta=_meta_of(row[7]))
+
+
+def _meta_json(meta: dict[str, str] | None) -> str | None:
+    """docs/protocol.md §4.1 meta as stored: JSON text (ASCII: no NUL, valid UTF-8),
+    NULL for none."""
+    return _dumps(meta) if meta else None
+
+
+def _meta_of(text: str | None) -> dict[str, str] | None:
+    return None if text is None else cast(dict[str, str], json.loads(text))
 
 
 # -- the queue bound ----------------------------------------------------------------------
@@ -1012,9 +1068,12 @@ class PostgresStore:
 
     # -- QoS 1 queues --------------------------------------------------------------------------
 
-    async def enqueue(self, msg: StoredMessage, max_pending: int) -> None:
-        _check_text(msg.mid, msg.sender, msg.recipient)
-        await self._submit(_ENQUEUE, (msg, max_pending))
+    async def enqueue(self, msg: StoredMessage, max_pending: int, *, cid: str | None = None,
+                      dedup_window_ms: int = 0) -> str | None:
+        _check_text(msg.mid, msg.sender, msg.recipient, cid)
+        first: str | None = await self._submit(_ENQUEUE, (msg, max_pending, cid,
+                                                          dedup_window_ms))
+        return first
 
     async def pending(self, node_id: str, now_ms: int, after_mid: str | None,
                       limit: int) -> list[StoredMessage]:
@@ -1080,7 +1139,11 @@ class PostgresStore:
                 count = int(status.split()[-1])
                 purged += count
                 if count < self.purge_chunk_rows:
-                    return purged
+                    break
+            # docs/protocol.md §4.2: a cid is remembered for its window only.
+            async with self._conn() as conn:
+                status = await conn.execute(_SQL_PURGE_DEDUP, now_ms)
+            return purged + int(status.split()[-1])
         finally:
             self._counts.clear()
 
@@ -1141,8 +1204,18 @@ class PostgresStore:
                 recent = await conn.fetch(_SQL_HISTORY_RECENT, topic, since,
                                           max(cutoff, now_ms - age_ms))
             rows = sorted([*old, *recent], key=lambda r: r[1])
-        return [HistoryEntry(topic=r[0], seq=r[1], mid=r[2], sender=r[3], body=r[4], ts=r[5])
-                for r in rows]
+        return [_history(r) for r in rows]
+
+    async def history_before(self, topic: str, before: int | None, limit: int, now_ms: int,
+                             ttl_ms: int) -> list[HistoryEntry]:
+        # On the primary: the newest entries are the ones asked for, and a replica may
+        # not have them yet.
+        await self._barrier(_HISTORY)
+        async with self._conn() as conn:
+            rows = await conn.fetch(_SQL_HISTORY_BEFORE, topic,
+                                    _NEVER if before is None else before, now_ms - ttl_ms,
+                                    max(limit, 0))
+        return [_history(r) for r in reversed(rows)]
 
     async def _replica_history(self, topic: str, since: int, cutoff: int, bound: int,
                                fresh_ms: int) -> list[Any] | None:
@@ -1522,8 +1595,12 @@ class PostgresStore:
             if status == "committed":
                 break
             await asyncio.sleep(1.0)
+        # docs/protocol.md §4.2: a message sent with a cid is kept, with its cid. Its
+        # sender resends it with the same cid (it was told "unavailable"), and that
+        # resend may already have been answered `ok dup` with this message's mid: taking
+        # the message back now would lose one the sender was told is stored.
         keys = [(item.args[0].mid, item.args[0].created) for item, _, exc in outcomes
-                if item.kind == _ENQUEUE and exc is None]
+                if item.kind == _ENQUEUE and exc is None and item.args[2] is None]
         if not keys:
             return
         try:
@@ -1581,11 +1658,32 @@ class PostgresStore:
         if need:
             for row in await conn.fetch(_SQL_COUNT_MANY, list(need), list(need.values())):
                 counts.put(row[0], row[1], need[row[0]], row[2], now_s, batch_no)
+        # docs/protocol.md §4.2: a (sender, cid) remembered already names its message;
+        # a repeat is answered with that mid, neither counted nor stored. Only batches
+        # with cids pay for it (one statement, whatever their size).
+        firsts: dict[tuple[str, str], _Item] = {}
+        for item in items:
+            cid = item.args[2]
+            if cid is not None:
+                firsts.setdefault((item.args[0].sender, cid), item)
+        remembered = await self._remember_cids(conn, firsts) if firsts else {}
         accepted: list[_Item] = []
         keys: set[tuple[str, int]] = set()
         batch_new: dict[str, list[int]] = {}  # recipient -> expires of accepted messages
+        winners: dict[tuple[str, str], _Item] = {}  # (sender, cid) -> accepted item
+        repeats: list[tuple[_Item, _Item]] = []  # (repeat, accepted item of its cid)
         for item in items:
-            msg, max_pending = item.args
+            msg, max_pending, cid, _ = item.args
+            key = None if cid is None else (msg.sender, cid)
+            if key is not None:
+                mid = remembered[key]
+                if mid != firsts[key].args[0].mid:  # stored before this batch
+                    outcomes.append((item, mid, None))
+                    continue
+                winner = winners.get(key)
+                if winner is not None:  # a repeat within the batch: its first's outcome
+                    repeats.append((item, winner))
+                    continue
             if (msg.mid, msg.created) in keys:
                 outcomes.append((item, None, _duplicate("mid")))
                 continue
@@ -1607,27 +1705,78 @@ class PostgresStore:
             batch_new.setdefault(msg.recipient, []).append(msg.expires)
             keys.add((msg.mid, msg.created))
             accepted.append(item)
-        if not accepted:
-            return
-        columns: list[list[Any]] = [[], [], [], [], [], [], [], []]
-        for item in accepted:
-            m: StoredMessage = item.args[0]
-            for column, value in zip(columns, (m.mid, m.sender, m.recipient, m.body, m.sig,
-                                               m.receipt, m.created, m.expires), strict=True):
-                column.append(value)
-        if careful:
-            rows = await conn.fetch(_SQL_INSERT_MESSAGES_CAREFUL, *columns)
-            inserted = {(row[0], row[1]) for row in rows}
-        else:  # all of them, or a UniqueViolationError
-            await conn.execute(_SQL_INSERT_MESSAGES, *columns)
-            inserted = keys
-        for item in accepted:
-            m = item.args[0]
+            if key is not None:
+                winners[key] = item
+        inserted: set[tuple[str, int]] = set()
+        if accepted:
+            columns: list[list[Any]] = [[], [], [], [], [], [], [], [], []]
+            for item in accepted:
+                m: StoredMessage = item.args[0]
+                for column, value in zip(columns, (m.mid, m.sender, m.recipient, m.body,
+                                                   m.sig, m.receipt, m.created, m.expires,
+                                                   _meta_json(m.meta)), strict=True):
+                    column.append(value)
+            if careful:
+                rows = await conn.fetch(_SQL_INSERT_MESSAGES_CAREFUL, *columns)
+                inserted = {(row[0], row[1]) for row in rows}
+            else:  # all of them, or a UniqueViolationError
+                await conn.execute(_SQL_INSERT_MESSAGES, *columns)
+                inserted = keys
+            for item in accepted:
+                m = item.args[0]
+                if (m.mid, m.created) in inserted:
+                    outcomes.append((item, None, None))
+                else:  # a message with this mid (and time) is stored already
+                    counts.forget(m.recipient)
+                    outcomes.append((item, None, _duplicate("mid")))
+        for item, winner in repeats:
+            m = winner.args[0]
             if (m.mid, m.created) in inserted:
-                outcomes.append((item, None, None))
-            else:  # a message with this mid (and time) is stored already
-                counts.forget(m.recipient)
+                outcomes.append((item, m.mid, None))
+            else:
                 outcomes.append((item, None, _duplicate("mid")))
+        if firsts:
+            await self._settle_cids(conn, firsts, remembered, winners, inserted)
+
+    async def _remember_cids(self, conn: Any, firsts: dict[tuple[str, str], _Item]
+                             ) -> dict[tuple[str, str], str]:
+        """Remember each (sender, cid) for the first item of the batch naming it (a row
+        past its window is taken over); return the mid each key names now: that item's,
+        or an older message's (docs/protocol.md §4.2)."""
+        ordered = sorted(firsts)
+        columns: list[list[Any]] = [[], [], [], [], []]
+        for key in ordered:
+            m: StoredMessage = firsts[key].args[0]
+            window_ms: int = firsts[key].args[3]
+            for column, value in zip(columns, (key[0], key[1], m.mid, m.created,
+                                               m.created + window_ms), strict=True):
+                column.append(value)
+        rows = await conn.fetch(_SQL_DEDUP, *columns)
+        return {(row[0], row[1]): row[2] for row in rows}
+
+    async def _settle_cids(self, conn: Any, firsts: dict[tuple[str, str], _Item],
+                           remembered: dict[tuple[str, str], str],
+                           winners: dict[tuple[str, str], _Item],
+                           inserted: set[tuple[str, int]]) -> None:
+        """After the insert: a row written for a message that is not stored goes, or
+        names the later message of the batch stored in its place (both rare: the queue
+        bound, a duplicate mid)."""
+        drop: list[tuple[str, str, str]] = []
+        moved: list[tuple[str, str, str, int, int]] = []
+        for key, first in firsts.items():
+            mid = first.args[0].mid
+            if remembered[key] != mid:
+                continue  # an older message's row: not this batch's
+            winner = winners.get(key)
+            if winner is None or (winner.args[0].mid, winner.args[0].created) not in inserted:
+                drop.append((key[0], key[1], mid))
+            elif winner.args[0].mid != mid:
+                w: StoredMessage = winner.args[0]
+                moved.append((key[0], key[1], w.mid, w.created, w.created + winner.args[3]))
+        if drop:
+            await conn.execute(_SQL_DEDUP_DROP, *(list(c) for c in zip(*drop, strict=True)))
+        if moved:
+            await conn.execute(_SQL_DEDUP_SET, *(list(c) for c in zip(*moved, strict=True)))
 
     async def _apply_acks(self, conn: Any, items: list[_Item],
                           outcomes: list[_Outcome]) -> None:
@@ -1692,7 +1841,7 @@ class PostgresStore:
             await conn.execute(_SQL_CLEAR_HISTORY, clear)
         inserted: set[tuple[str, int]] = set()
         if rows_in:
-            columns: list[list[Any]] = [[], [], [], [], [], []]
+            columns: list[list[Any]] = [[], [], [], [], [], [], [], []]
             seen: set[tuple[str, int]] = set()
             for item in rows_in:
                 e: HistoryEntry = item.args[0]
@@ -1700,7 +1849,8 @@ class PostgresStore:
                     continue
                 seen.add((e.topic, e.seq))
                 for column, value in zip(columns, (e.topic, e.seq, e.mid, e.sender, e.body,
-                                                   e.ts), strict=True):
+                                                   e.ts, e.sig, _meta_json(e.meta)),
+                                         strict=True):
                     column.append(value)
             if careful:
                 rows = await conn.fetch(_SQL_INSERT_HISTORY_CAREFUL, *columns)

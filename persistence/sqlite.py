@@ -170,8 +170,8 @@ def _rollback(conn: sqlite3.Connection) -> None:
 # -- operations: run on the store thread, inside the batch transaction ------------------
 
 _NODE_COLUMNS = "id, key, meta, banned, registered, first_seen, last_seen"
-_MESSAGE_COLUMNS = "mid, sender, recipient, body, created, expires, sig, receipt"
-_HISTORY_COLUMNS = "topic, seq, mid, sender, body, ts"
+_MESSAGE_COLUMNS = "mid, sender, recipient, body, created, expires, sig, receipt, meta"
+_HISTORY_COLUMNS = "topic, seq, mid, sender, body, ts, sig, meta"
 
 
 def _node(row: tuple[Any, ...]) -> NodeRecord:
@@ -189,8 +189,22 @@ def _node(row: tuple[Any, ...]) -> NodeRecord:
 def _message(row: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(
         mid=row[0], sender=row[1], recipient=row[2], body=row[3], created=row[4],
-        expires=row[5], sig=row[6], receipt=bool(row[7]),
+        expires=row[5], sig=row[6], receipt=bool(row[7]), meta=_meta_of(row[8]),
     )
+
+
+def _history(row: tuple[Any, ...]) -> HistoryEntry:
+    return HistoryEntry(topic=row[0], seq=row[1], mid=row[2], sender=row[3], body=row[4],
+                        ts=row[5], sig=row[6], meta=_meta_of(row[7]))
+
+
+def _meta_json(meta: dict[str, str] | None) -> str | None:
+    """docs/protocol.md §4.1 meta as stored: JSON text, NULL for none."""
+    return _dumps(meta) if meta else None
+
+
+def _meta_of(text: str | None) -> dict[str, str] | None:
+    return None if text is None else cast(dict[str, str], json.loads(text))
 
 
 def _op_ping(conn: sqlite3.Connection) -> None:
@@ -356,18 +370,35 @@ class PendingCounts:
 
 
 def _op_enqueue(conn: sqlite3.Connection, counts: PendingCounts, msg: StoredMessage,
-                max_pending: int) -> None:
+                max_pending: int, cid: str | None, dedup_window_ms: int) -> str | None:
+    if cid is not None:
+        # docs/protocol.md §4.2: a remembered (sender, cid) is answered with the first
+        # message's mid, before the queue bound (the first was accepted). The calls of
+        # a batch run in order on one connection: a repeat in the same batch sees the
+        # row its first wrote, and none if the first was rolled back.
+        row = conn.execute("SELECT mid FROM dedup WHERE sender = ? AND cid = ? AND expires > ?",
+                           (msg.sender, cid, msg.created)).fetchone()
+        if row is not None:
+            return cast(str, row[0])
     # The bound counts unacked messages unexpired at the message's creation time (enqueue
     # has no clock of its own).
     if counts.count(conn, msg.recipient, msg.created) >= max_pending:
         raise QueueFull("queue full")
     conn.execute(
-        "INSERT INTO messages (mid, sender, recipient, body, sig, receipt, created, expires)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO messages (mid, sender, recipient, body, sig, receipt, created, expires,"
+        " meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (msg.mid, msg.sender, msg.recipient, msg.body, msg.sig, int(msg.receipt),
-         msg.created, msg.expires),
+         msg.created, msg.expires, _meta_json(msg.meta)),
     )
+    if cid is not None:
+        # Same savepoint as the message: both or neither. An expired row is replaced.
+        conn.execute(
+            "INSERT INTO dedup (sender, cid, mid, created, expires) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (sender, cid) DO UPDATE SET mid = excluded.mid,"
+            " created = excluded.created, expires = excluded.expires",
+            (msg.sender, cid, msg.mid, msg.created, msg.created + dedup_window_ms))
     counts.added(msg.recipient, msg.expires)
+    return None
 
 
 def _op_pending(conn: sqlite3.Connection, node_id: str, now_ms: int, after_mid: str | None,
@@ -462,7 +493,9 @@ def _op_purge_expired(conn: sqlite3.Connection, counts: PendingCounts, now_ms: i
         "DELETE FROM messages WHERE expires <= ? OR acked <= ?",
         (now_ms, now_ms - ACKED_KEEP_MS),
     )
-    return cur.rowcount
+    # docs/protocol.md §4.2: a cid is remembered for its window only.
+    cids = conn.execute("DELETE FROM dedup WHERE expires <= ?", (now_ms,))
+    return cur.rowcount + cids.rowcount
 
 
 def _op_mark_undelivered(conn: sqlite3.Connection, marks: list[tuple[str, str]],
@@ -505,8 +538,9 @@ def _op_append_history(conn: sqlite3.Connection, entry: HistoryEntry, keep: int,
         conn.execute("DELETE FROM history WHERE topic = ?", (entry.topic,))
         return seq
     conn.execute(
-        f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-        (entry.topic, seq, entry.mid, entry.sender, entry.body, entry.ts),
+        f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (entry.topic, seq, entry.mid, entry.sender, entry.body, entry.ts, entry.sig,
+         _meta_json(entry.meta)),
     )
     # Oldest first beyond `keep`, and anything older than the ttl (entry.ts is "now").
     conn.execute(
@@ -524,8 +558,17 @@ def _op_history_since(conn: sqlite3.Connection, topic: str, since: int, now_ms: 
         " ORDER BY seq",
         (topic, since, now_ms - ttl_ms),
     )
-    return [HistoryEntry(topic=r[0], seq=r[1], mid=r[2], sender=r[3], body=r[4], ts=r[5])
-            for r in rows]
+    return [_history(r) for r in rows]
+
+
+def _op_history_before(conn: sqlite3.Connection, topic: str, before: int | None, limit: int,
+                       now_ms: int, ttl_ms: int) -> list[HistoryEntry]:
+    rows = conn.execute(
+        f"SELECT {_HISTORY_COLUMNS} FROM history WHERE topic = ? AND seq < ? AND ts > ?"
+        " ORDER BY seq DESC LIMIT ?",
+        (topic, _NEVER if before is None else before, now_ms - ttl_ms, limit),
+    )
+    return [_history(r) for r in reversed(rows.fetchall())]
 
 
 def _op_last_seq(conn: sqlite3.Connection, topic: str) -> int:
@@ -730,8 +773,10 @@ class SqliteStore:
 
     # -- QoS 1 queues -----------------------------------------------------------------------
 
-    async def enqueue(self, msg: StoredMessage, max_pending: int) -> None:
-        await self._call(_op_enqueue, self._counts, msg, max_pending)
+    async def enqueue(self, msg: StoredMessage, max_pending: int, *, cid: str | None = None,
+                      dedup_window_ms: int = 0) -> str | None:
+        return await self._call(_op_enqueue, self._counts, msg, max_pending, cid,
+                                dedup_window_ms)
 
     async def pending(self, node_id: str, now_ms: int, after_mid: str | None,
                       limit: int) -> list[StoredMessage]:
@@ -788,6 +833,11 @@ class SqliteStore:
     async def history_since(self, topic: str, since: int, now_ms: int,
                             ttl_ms: int) -> list[HistoryEntry]:
         return await self._call(_op_history_since, topic, since, now_ms, ttl_ms)
+
+    async def history_before(self, topic: str, before: int | None, limit: int, now_ms: int,
+                             ttl_ms: int) -> list[HistoryEntry]:
+        return await self._call(_op_history_before, topic, before, max(limit, 0), now_ms,
+                                ttl_ms)
 
     async def last_seq(self, topic: str) -> int:
         return await self._call(_op_last_seq, topic)

@@ -93,6 +93,7 @@ class StoredMessage:
     expires: int  # ms
     sig: bytes | None = None
     receipt: bool = False
+    meta: dict[str, str] | None = None  # docs/protocol.md §4.1, redelivered with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,8 @@ class HistoryEntry:
     sender: str
     body: bytes
     ts: int
+    sig: bytes | None = None  # docs/protocol.md §5.1
+    meta: dict[str, str] | None = None  # docs/protocol.md §4.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +219,21 @@ class Store(Protocol):
 
     # -- QoS 1 queues ---------------------------------------------------------------
 
-    async def enqueue(self, msg: StoredMessage, max_pending: int) -> None:
-        """Store one message durably (group-committed); raise QueueFull when the
-        recipient already holds `max_pending` unexpired unacked messages."""
+    async def enqueue(self, msg: StoredMessage, max_pending: int, *, cid: str | None = None,
+                      dedup_window_ms: int = 0) -> str | None:
+        """Store one message durably (group-committed) and return None; raise
+        QueueFull when the recipient already holds `max_pending` unexpired unacked
+        messages.
+
+        With `cid` (docs/protocol.md §4.2): when (msg.sender, cid) is remembered, unexpired
+        at msg.created, nothing is stored (nor counted against `max_pending`) and the mid
+        remembered is returned (a repeat). Otherwise (sender, cid) -> msg.mid is
+        remembered until msg.created + dedup_window_ms, in the transaction that stores
+        the message, so it is remembered if and only if the message was stored. Calls
+        are applied in call order, also within one group commit: a repeat behind its
+        first gets the first's outcome (its mid if stored, or is stored itself if the
+        first was refused). Across stores sharing a database, a repeat whose first is
+        being committed by another waits for that commit."""
 
     async def pending(self, node_id: str, now_ms: int, after_mid: str | None,
                       limit: int) -> list[StoredMessage]:
@@ -246,7 +261,8 @@ class Store(Protocol):
     async def message_state(self, mid: str, now_ms: int) -> MessageState | None: ...
 
     async def purge_expired(self, now_ms: int) -> int:
-        """Delete expired and long-acked rows (housekeeping); return how many."""
+        """Delete expired and long-acked rows, and `cid`s remembered past their window
+        (housekeeping); return how many."""
 
     # -- delivery hints (docs/protocol.md §5: delivered while the recipient is online) --
 
@@ -276,6 +292,12 @@ class Store(Protocol):
                             ttl_ms: int) -> list[HistoryEntry]:
         """Kept entries with seq > since, in seq order (entries older than ttl_ms are
         not returned)."""
+
+    async def history_before(self, topic: str, before: int | None, limit: int, now_ms: int,
+                             ttl_ms: int) -> list[HistoryEntry]:
+        """The newest `limit` kept entries with seq < `before` (None: any), oldest first
+        (docs/protocol.md §5.2; entries older than ttl_ms are not returned). Sees every
+        append submitted before it."""
 
     async def last_seq(self, topic: str) -> int:
         """The highest seq ever appended for `topic` (0 when none)."""

@@ -27,10 +27,17 @@ from openred.protocol.errors import (
 from openred.protocol.identity import is_node_id
 
 __all__ = [
+    "DEFAULT_HISTORY_LIMIT",
     "MAX_ACK_MIDS",
+    "MAX_CID_CHARS",
+    "MAX_HISTORY_LIMIT",
     "MAX_ID_CHARS",
     "MAX_META_BYTES",
     "MAX_META_DEPTH",
+    "MAX_MSG_META_BYTES",
+    "MAX_MSG_META_ENTRIES",
+    "MAX_MSG_META_KEY_CHARS",
+    "MAX_MSG_META_VALUE_CHARS",
     "MAX_PRESENCE_NODES",
     "MAX_SIG_BYTES",
     "MAX_SINCE",
@@ -39,11 +46,15 @@ __all__ = [
     "ClientFrame",
     "DecodeLimits",
     "Hello",
+    "History",
     "Presence",
     "Pub",
     "Send",
     "Sub",
     "Unsub",
+    "Unwatch",
+    "Watch",
+    "array_header",
     "batch_of",
     "decode_client",
     "decode_server",
@@ -51,11 +62,15 @@ __all__ = [
     "encode_bye",
     "encode_challenge",
     "encode_error",
+    "encode_history_item",
+    "encode_history_ok",
     "encode_msg",
     "encode_ok",
+    "encode_presence",
     "encode_receipt",
     "encode_topic_msg",
     "encode_welcome",
+    "history_ok_overhead",
     "is_topic",
 ]
 
@@ -70,6 +85,15 @@ MAX_META_DEPTH: Final = 16
 MAX_PRESENCE_NODES: Final = 1000
 MAX_SIG_BYTES: Final = 512  # §4: sig is passed through; bounded so it cannot grow queues
 MAX_ACK_MIDS: Final = 10_000
+# §4.1: `meta` of send and pub, passed through, stored and kept in history: bounded on its
+# own (not against max_body_bytes) so headers cannot grow queues, rows or history.
+MAX_MSG_META_ENTRIES: Final = 16
+MAX_MSG_META_KEY_CHARS: Final = 64
+MAX_MSG_META_VALUE_CHARS: Final = 512
+MAX_MSG_META_BYTES: Final = 1024
+MAX_CID_CHARS: Final = 64  # §4.2
+MAX_HISTORY_LIMIT: Final = 1000  # §5.2
+DEFAULT_HISTORY_LIMIT: Final = 100
 _MAX_UINT64: Final = 2**64 - 1
 _MIN_INT64: Final = -(2**63)
 # §3 sub: topic sequences are signed 64-bit in the store (SQLite INTEGER, PostgreSQL
@@ -77,6 +101,8 @@ _MIN_INT64: Final = -(2**63)
 MAX_SINCE: Final = 2**63 - 1
 
 _TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
+_META_KEY_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CID_RE: Final = re.compile(r"[\x21-\x7e]{1,64}")
 
 
 def is_topic(value: object) -> bool:
@@ -110,6 +136,8 @@ class Send(NamedTuple):
     ttl: int | None
     sig: bytes | None
     receipt: bool
+    cid: str | None = None  # §4.2: QoS 1 only (None on QoS 0, where it is ignored)
+    meta: dict[str, str] | None = None  # §4.1: None when absent or empty
 
 
 class Ack(NamedTuple):
@@ -132,6 +160,17 @@ class Pub(NamedTuple):
     id: int | str | None
     topic: str
     body: bytes
+    sig: bytes | None = None  # §5.1
+    meta: dict[str, str] | None = None  # §4.1: None when absent or empty
+
+
+class History(NamedTuple):
+    """§5.2: the newest `limit` kept messages of `topic` below `before` (None: all)."""
+
+    id: int | str
+    topic: str
+    limit: int
+    before: int | None
 
 
 class Presence(NamedTuple):
@@ -139,7 +178,24 @@ class Presence(NamedTuple):
     nodes: list[str]
 
 
-ClientFrame = Hello | Send | Ack | Sub | Unsub | Pub | Presence
+class Watch(NamedTuple):
+    """§6.1: start watching `nodes` (distinct valid node ids, None when absent) and/or
+    the subscribers of `topic`."""
+
+    id: int | str | None
+    nodes: list[str] | None
+    topic: str | None
+
+
+class Unwatch(NamedTuple):
+    """§6.1: stop watching `nodes` and/or `topic` (what is not watched is ignored)."""
+
+    id: int | str | None
+    nodes: list[str] | None
+    topic: str | None
+
+
+ClientFrame = Hello | Send | Ack | Sub | Unsub | Pub | Presence | History | Watch | Unwatch
 
 
 class _Bad(Exception):
@@ -375,9 +431,41 @@ def _parse_send(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimi
     ttl = None if get("ttl") is None else _opt_uint(frame, "ttl", 1)
     sig = None if get("sig") is None else _opt_bin(frame, "sig", MAX_SIG_BYTES)
     receipt = False if get("receipt") is None else _opt_bool(frame, "receipt")
+    cid = get("cid")
+    if cid is not None:
+        if qos == 0:
+            cid = None  # §4.2: ignored on QoS 0
+        elif type(cid) is not str or _CID_RE.fullmatch(cid) is None:
+            raise _Bad("cid: not a str of 1..64 printable ASCII chars")
+    meta = get("meta")
+    if meta is not None:
+        meta = _msg_meta(meta)
     if len(body) > limits.max_body_bytes:
         raise _Bad(f"body: larger than {limits.max_body_bytes} bytes", TOO_LARGE)
-    return _new(Send, (fid, to, body, qos, ttl, sig, receipt))
+    return _new(Send, (fid, to, body, qos, ttl, sig, receipt, cid, meta))
+
+
+def _msg_meta(meta: object) -> dict[str, str] | None:
+    """§4.1: the `meta` of a send or pub; None for an empty map (the same as none)."""
+    if type(meta) is not dict:
+        raise _Bad("meta: not a map")
+    if not meta:
+        return None
+    if len(meta) > MAX_MSG_META_ENTRIES:
+        raise _Bad(f"meta: more than {MAX_MSG_META_ENTRIES} entries")
+    for k, v in cast(dict[object, object], meta).items():
+        # Length first: it bounds the regex work on hostile input.
+        if (type(k) is not str or len(k) > MAX_MSG_META_KEY_CHARS
+                or _META_KEY_RE.fullmatch(k) is None):
+            raise _Bad("meta: a key is not 1..64 chars of [A-Za-z0-9._-]")
+        if type(v) is not str:
+            raise _Bad(f"meta: the value of {k!r} is not a str")
+        if len(v) > MAX_MSG_META_VALUE_CHARS:
+            raise _Bad(f"meta: the value of {k!r} is longer than "
+                       f"{MAX_MSG_META_VALUE_CHARS} chars")
+    if len(_packb(meta)) > MAX_MSG_META_BYTES:
+        raise _Bad(f"meta: larger than {MAX_MSG_META_BYTES} bytes encoded")
+    return cast(dict[str, str], meta)
 
 
 def _parse_ack(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Ack:
@@ -410,7 +498,28 @@ def _parse_unsub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLim
 
 def _parse_pub(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Pub:
     topic = _topic(frame)
-    return _new(Pub, (fid, topic, _body(frame, limits)))
+    get = frame.get
+    sig = None if get("sig") is None else _opt_bin(frame, "sig", MAX_SIG_BYTES)  # §5.1
+    meta = get("meta")
+    if meta is not None:
+        meta = _msg_meta(meta)
+    return _new(Pub, (fid, topic, _body(frame, limits), sig, meta))
+
+
+def _parse_history(frame: dict[Any, Any], fid: int | str | None,
+                   limits: DecodeLimits) -> History:
+    if fid is None:
+        raise _Bad("id: required for history")
+    topic = _topic(frame)
+    limit = frame.get("limit")
+    if limit is None:
+        limit = DEFAULT_HISTORY_LIMIT
+    elif type(limit) is not int or not 1 <= limit <= MAX_HISTORY_LIMIT:
+        raise _Bad(f"limit: not an int in 1..{MAX_HISTORY_LIMIT}")
+    before = frame.get("before")
+    if before is not None and (type(before) is not int or not 0 <= before <= MAX_SINCE):
+        raise _Bad("before: not an int in 0..2^63-1")  # a seq, as `since` (§5)
+    return History(fid, topic, limit, before)
 
 
 def _parse_presence(frame: dict[Any, Any], fid: int | str | None,
@@ -428,6 +537,34 @@ def _parse_presence(frame: dict[Any, Any], fid: int | str | None,
     return Presence(fid, nodes)
 
 
+def _watched(frame: dict[Any, Any]) -> tuple[list[str] | None, str | None]:
+    """§6.1 watch/unwatch: `nodes` (valid node ids, repeats dropped) and/or `topic`.
+    The count against `limits.max_watch` is the hub's: it depends on what the session
+    already watches."""
+    nodes = frame.get("nodes")
+    out: list[str] | None = None
+    if nodes is not None:
+        if type(nodes) is not list:
+            raise _Bad("nodes: not a list")
+        for n in nodes:
+            if not _valid_to(n):
+                raise _Bad("nodes: not a list of node ids")
+        out = list(dict.fromkeys(nodes))
+    topic = None if frame.get("topic") is None else _topic(frame)
+    if out is None and topic is None:
+        raise _Bad("nodes or topic: at least one is required")
+    return out, topic
+
+
+def _parse_watch(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimits) -> Watch:
+    return Watch(fid, *_watched(frame))
+
+
+def _parse_unwatch(frame: dict[Any, Any], fid: int | str | None,
+                   limits: DecodeLimits) -> Unwatch:
+    return Unwatch(fid, *_watched(frame))
+
+
 _PARSERS: Final[dict[str, Callable[[dict[Any, Any], int | str | None, DecodeLimits],
                                     ClientFrame]]] = {
     "hello": _parse_hello,
@@ -437,6 +574,9 @@ _PARSERS: Final[dict[str, Callable[[dict[Any, Any], int | str | None, DecodeLimi
     "unsub": _parse_unsub,
     "pub": _parse_pub,
     "presence": _parse_presence,
+    "watch": _parse_watch,
+    "unwatch": _parse_unwatch,
+    "history": _parse_history,
 }
 
 # -- hub frames ----------------------------------------------------------------------
@@ -470,22 +610,76 @@ def encode_error(fid: int | str | None, code: str, msg: str) -> bytes:
 
 
 def encode_msg(mid: str, sender: str, body: bytes, ts: int, qos: int,
-               sig: bytes | None = None) -> bytes:
+               sig: bytes | None = None, meta: dict[str, str] | None = None) -> bytes:
     frame: dict[str, Any] = {"t": "msg", "mid": mid, "from": sender, "body": body,
                              "ts": ts, "qos": qos}
     if sig is not None:
         frame["sig"] = sig
+    if meta:  # §4.1: a msg carries meta only when it has entries
+        frame["meta"] = meta
     return _packb(frame)
 
 
 def encode_topic_msg(mid: str, sender: str, topic: str, seq: int, body: bytes,
-                     ts: int) -> bytes:
-    return _packb({"t": "msg", "mid": mid, "from": sender, "topic": topic, "seq": seq,
-                   "body": body, "ts": ts, "qos": 0})
+                     ts: int, sig: bytes | None = None,
+                     meta: dict[str, str] | None = None) -> bytes:
+    frame: dict[str, Any] = {"t": "msg", "mid": mid, "from": sender, "topic": topic,
+                             "seq": seq, "body": body, "ts": ts, "qos": 0}
+    if sig is not None:
+        frame["sig"] = sig
+    if meta:
+        frame["meta"] = meta
+    return _packb(frame)
+
+
+def encode_history_item(mid: str, sender: str, topic: str, seq: int, body: bytes,
+                        ts: int, sig: bytes | None = None,
+                        meta: dict[str, str] | None = None) -> bytes:
+    """One element of a `history` reply's `msgs` (§5.2): a topic msg's fields."""
+    item: dict[str, Any] = {"mid": mid, "from": sender, "topic": topic, "seq": seq,
+                            "body": body, "ts": ts}
+    if sig is not None:
+        item["sig"] = sig
+    if meta:
+        item["meta"] = meta
+    return _packb(item)
+
+
+def encode_history_ok(fid: int | str, seq: int, items: list[bytes], more: bool) -> bytes:
+    """The `ok` of a `history` (§5.2) around already-encoded `msgs` elements
+    (`encode_history_item`), without re-encoding them: the caller sized them against
+    max_frame_bytes. Its length is `history_ok_overhead(...) + sum(map(len, items))`."""
+    head = _packb({"t": "ok", "id": fid, "seq": seq, "more": more})  # a fixmap of 4
+    return b"\x85" + head[1:] + b"\xa4msgs" + array_header(len(items)) + b"".join(items)
+
+
+def history_ok_overhead(fid: int | str, seq: int, n: int) -> int:
+    """Bytes of a `history` ok besides its `msgs` elements (see encode_history_ok)."""
+    return len(_packb({"t": "ok", "id": fid, "seq": seq, "more": False})) + 5 + len(
+        array_header(n))
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of `n` elements, for arrays joined from
+    already-encoded elements (a §1 batch, a `history` reply's `msgs`)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def encode_receipt(mid: str, to: str, ts: int) -> bytes:
     return _packb({"t": "receipt", "mid": mid, "to": to, "ts": ts})
+
+
+def encode_presence(node: str, online: bool, ts: int, topic: str | None = None) -> bytes:
+    """§6.1 / §10 `presence` event: a watched node's (or a watched topic's subscriber's)
+    change; it answers no request."""
+    frame: dict[str, Any] = {"t": "presence", "node": node, "online": online, "ts": ts}
+    if topic is not None:
+        frame["topic"] = topic
+    return _packb(frame)
 
 
 def encode_bye(reason: str, retry_ms: int | None = None) -> bytes:
@@ -498,14 +692,7 @@ def encode_bye(reason: str, retry_ms: int | None = None) -> bytes:
 def batch_of(encoded: list[bytes]) -> bytes:
     """Join already-encoded frames into one msgpack array (§1 batch) without
     re-encoding them: an array header followed by the frames' bytes."""
-    n = len(encoded)
-    if n < 16:
-        header = bytes((0x90 | n,))
-    elif n < 0x10000:
-        header = b"\xdc" + n.to_bytes(2, "big")
-    else:
-        header = b"\xdd" + n.to_bytes(4, "big")
-    return header + b"".join(encoded)
+    return array_header(len(encoded)) + b"".join(encoded)
 
 
 def decode_server(data: bytes) -> list[dict[str, Any]]:

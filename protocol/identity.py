@@ -32,6 +32,7 @@ __all__ = [
     "PUBLIC_KEY_BYTES",
     "SEED_BYTES",
     "SIGNATURE_BYTES",
+    "TOPIC_CONTEXT",
     "Identity",
     "KeyFileError",
     "auth_message",
@@ -41,6 +42,7 @@ __all__ = [
     "load_key_file",
     "node_id_for_key",
     "save_key_file",
+    "topic_message",
     "verify_signature",
 ]
 
@@ -56,6 +58,9 @@ SIGNATURE_BYTES = 64
 # and the other way round. The NUL ends the context and separates the variable parts.
 AUTH_CONTEXT = b"openred-hub/v1/auth\x00"
 BODY_CONTEXT = b"openred-hub/v1/body\x00"
+# §5.1: a publication's signature; its own context, so that a direct message's signature
+# can never pass as a publication's, nor the other way round.
+TOPIC_CONTEXT = b"openred-hub/v1/topic\x00"
 
 
 def is_node_id(s: object) -> bool:
@@ -76,6 +81,11 @@ def auth_message(hub_id: str, nonce: bytes) -> bytes:
 def body_message(to: str, body: bytes) -> bytes:
     """The bytes a sender signs for an end-to-end ``sig`` on a ``send`` (§4)."""
     return BODY_CONTEXT + to.encode() + b"\x00" + bytes(body)
+
+
+def topic_message(topic: str, body: bytes) -> bytes:
+    """The bytes a publisher signs for an end-to-end ``sig`` on a ``pub`` (§5.1)."""
+    return TOPIC_CONTEXT + topic.encode() + b"\x00" + bytes(body)
 
 
 def node_id_for_key(public_key: bytes) -> str:
@@ -143,6 +153,10 @@ class Identity:
     def sign_body(self, to: str, body: bytes) -> bytes:
         """An end-to-end ``sig`` for a ``send`` of ``body`` to ``to`` (§4)."""
         return self.sign(body_message(to, body))
+
+    def sign_topic(self, topic: str, body: bytes) -> bytes:
+        """An end-to-end ``sig`` for a ``pub`` of ``body`` to ``topic`` (§5.1)."""
+        return self.sign(topic_message(topic, body))
 
 
 class KeyFileError(ValueError):

@@ -14,13 +14,14 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import promql_parser
 import pytest
 import yaml
-from openred.hub.config import load_config
+from openred.hub.config import config_keys, env_var_name, load_config
 
 from tests.admin.test_metrics import EXPECTED
 
@@ -491,13 +492,19 @@ def test_image_is_reproducible() -> None:
     assert "--no-build-isolation --no-index" in runs  # the hub's wheel: nothing fetched
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert {"!deploy/docker/requirements.lock", "!deploy/docker/build.lock"} <= set(ignore)
-    # The lock pins every dependency of pyproject.toml (and the build lock setuptools).
+    # The lock pins every dependency of both distributions (and the build lock
+    # setuptools), except the client distribution, which is built from this tree too.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    client = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())
     pins = lock_pins(DEPLOY / "docker/requirements.lock")
-    for dep in pyproject["project"]["dependencies"]:
+    own = canonical(client["project"]["name"])
+    for dep in pyproject["project"]["dependencies"] + client["project"]["dependencies"]:
         m = re.match(r"[A-Za-z0-9._-]+", dep)
         assert m is not None, dep
         name = canonical(m.group(0))
+        if name == own:
+            assert f"/wheels/{own}-*.whl" in runs  # built and installed from clients/python
+            continue
         assert name in pins, f"{name} is not in requirements.lock: run deploy/docker/update-locks"
     build = lock_pins(DEPLOY / "docker/build.lock")
     assert set(build) == {"setuptools"}
@@ -515,3 +522,43 @@ def test_final_image_has_no_pip_and_oci_labels() -> None:
         assert f"org.opencontainers.image.{key}=" in labels, key
     args = {a.split("=")[0] for a in instruction(stage, "ARG")}
     assert {"VERSION", "REVISION", "CREATED", "SOURCE"} <= args
+
+
+# -- tracing: Jaeger in compose, the ConfigMap keys, the dashboard's link ------------------
+
+
+def test_tracing_is_wired_to_jaeger_and_grafana() -> None:
+    """docs/tracing.md: the compose hubs export to the Jaeger service's OTLP/HTTP port,
+    the image can (its lock has the `tracing` extra), the ConfigMap names every
+    [tracing] key, and the dashboard's "Traces" link opens a provisioned data source."""
+    (compose,) = load(DEPLOY / "compose/docker-compose.yml")
+    services = compose["services"]
+    jaeger = services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    dotenv = {"POSTGRES_PASSWORD": "0123abcd", "OPENRED_ADMIN_TOKEN": "a" * 64}
+    for name in ("hub-1", "hub-2"):
+        env = {k: interpolate(str(v), dotenv) for k, v in
+               services[name]["environment"].items()}
+        tracing = load_config(ROOT / "hub.toml", env=env).tracing
+        assert tracing.enabled
+        assert tracing.endpoint == "http://jaeger:4318/v1/traces"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = lock_pins(DEPLOY / "docker/requirements.lock")
+    for dep in pyproject["project"]["optional-dependencies"]["tracing"]:
+        m = re.match(r"[A-Za-z0-9._-]+", dep)
+        assert m is not None and canonical(m.group(0)) in pins, dep
+    (configmap,) = load(DEPLOY / "k8s/configmap.yaml")
+    keys = {k for k in configmap["data"] if k.startswith("OPENRED_HUB_TRACING_")}
+    assert keys == {env_var_name(f"tracing.{k}") for k in config_keys()["tracing"]}
+    assert k8s_config().tracing.enabled is False  # the operator turns it on
+    (source,) = load(DEPLOY / "grafana/provisioning/datasources/jaeger.yml")
+    (ds,) = source["datasources"]
+    assert ds["type"] == "jaeger" and ds["url"] == "http://jaeger:16686"
+    dashboard = json.loads((DEPLOY / "grafana/openred-hub.json").read_text())
+    (link,) = [x for x in dashboard["links"] if x["title"] == "Traces"]
+    assert link["url"].startswith("/explore?")
+    panes = json.loads(urllib.parse.unquote(link["url"].split("panes=", 1)[1]))
+    (pane,) = panes.values()
+    assert pane["datasource"] == ds["uid"]
+    assert pane["queries"][0]["service"] == load_config(env={}).tracing.service_name

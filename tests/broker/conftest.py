@@ -34,6 +34,8 @@ class Recorder:
     topic_frames: list[tuple[str, int, bytes]] = field(default_factory=list)
     controls: list[tuple[str, str, str | None]] = field(default_factory=list)
     local: dict[str, object] = field(default_factory=dict)  # node ids held here
+    # (node, online, ts, topic) of each presence event (docs/protocol.md §6.1)
+    presence: list[tuple[str, bool, int, str | None]] = field(default_factory=list)
 
     def on_node_frame(self, node_id: str, frame: bytes, qos: int, mid: str) -> None:
         self.node_frames.append((node_id, frame, qos, mid))
@@ -43,6 +45,9 @@ class Recorder:
 
     def on_control(self, node_id: str, command: str, session_id: str | None) -> None:
         self.controls.append((node_id, command, session_id))
+
+    def on_presence(self, node_id: str, online: bool, ts: int, topic: str | None) -> None:
+        self.presence.append((node_id, online, ts, topic))
 
 
 async def until(check: Callable[[], bool], wait: float = 5.0, what: str = "condition") -> None:

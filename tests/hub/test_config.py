@@ -103,7 +103,9 @@ def test_config_is_frozen() -> None:
 
 def test_config_keys_and_effective_limits() -> None:
     keys = config_keys()
-    assert list(keys) == ["server", "auth", "admin", "limits", "store", "broker", "log"]
+    assert list(keys) == ["server", "auth", "admin", "limits", "store", "broker", "log",
+                          "tracing"]
+    assert keys["tracing"] == ["enabled", "endpoint", "service_name", "sample_ratio"]
     assert keys["server"][:4] == ["hub_id", "instance_id", "ws_host", "ws_port"]
     assert keys["broker"] == ["url", "breaker_failures", "breaker_window_s", "breaker_open_s"]
     assert effective_limits(Config()) == {

@@ -34,6 +34,8 @@ from openred.protocol.frames import (
     Send,
     Sub,
     Unsub,
+    Unwatch,
+    Watch,
     batch_of,
     decode_client,
     decode_server,
@@ -101,6 +103,8 @@ VALID_FRAMES: dict[str, dict[str, Any]] = {
     "unsub": {"t": "unsub", "id": 1, "topic": "a"},
     "pub": {"t": "pub", "id": 1, "topic": "a", "body": b"x"},
     "presence": {"t": "presence", "id": 1, "nodes": [NODE]},
+    "watch": {"t": "watch", "id": 1, "nodes": [NODE], "topic": "a"},
+    "unwatch": {"t": "unwatch", "id": 1, "nodes": [NODE]},
 }
 
 
@@ -833,7 +837,8 @@ def ext_outcome(data: bytes) -> list[Any] | None:
         return None
     assert type(out) is list
     for f in out:
-        assert type(f) in (FrameError, Hello, Send, Ack, Sub, Unsub, Pub, Presence)
+        assert type(f) in (FrameError, Hello, Send, Ack, Sub, Unsub, Pub, Presence, Watch,
+                           Unwatch)
     return out
 
 
