@@ -18,8 +18,8 @@ from openred.protocol.identity import Identity, save_key_file
 async def echo(url: str, key_file: str) -> None:
     async with Client(url, key_file=key_file) as node:
         print(f"echo node {node.node_id} on {url}", flush=True)
-        async for msg in node:
-            if msg.topic is None:  # direct messages only
+        async for msg in node:  # direct messages
+            async with msg:  # QoS 1: acked once echoed; a failure leaves it to come again
                 try:
                     await node.send(msg.sender, msg.body, qos=msg.qos)
                 except (HubError, ValueError) as exc:  # offline sender, or $admin
