@@ -5,10 +5,10 @@ Every `msg` made from a node's `send` or `pub` is encoded here, wherever the hub
 it: a QoS 0 send (hub/session.py), a QoS 1 send delivered live (hub/node.py) or replayed
 from the store (hub/inbox.py), a publication fanned out live (hub/node.py), recovered by
 a `sub` (hub/session.py) or filled in from history (hub/topic_order.py), and the
-messages of a `history` reply (hub/node.py). Each of them takes its `meta` from
-`delivered_meta`: §4.1 passes `meta` through unchanged. What is stored (a QoS 1
-message, topic history) is the sender's `meta` as received; the delivered one is built
-again at each delivery (a redelivery hours later included).
+messages of a `history` reply (hub/node.py). Each of them passes `meta` through
+unchanged (§4.1). What is stored (a QoS 1 message, topic history) is the sender's `meta`
+as received; the delivered frame is built again at each delivery (a redelivery hours
+later included).
 
 §13 with tracing on (hub/tracing.py) works on both sides of this module: the `send` or
 `pub` reaches it with the hub's first span already in place of the node's
@@ -26,40 +26,27 @@ from __future__ import annotations
 from openred.persistence.store import HistoryEntry, StoredMessage
 from openred.protocol.frames import encode_history_item, encode_msg, encode_topic_msg
 
-__all__ = ["delivered_meta", "direct_msg", "history_item", "stored_msg", "topic_msg",
-           "topic_msg_of"]
+__all__ = ["direct_msg", "history_item", "stored_msg", "topic_msg", "topic_msg_of"]
 
 
-def delivered_meta(meta: dict[str, str] | None) -> dict[str, str] | None:
-    """The `meta` a recipient's `msg` carries for a message sent with `meta` (None: the
-    sender gave none, or an empty map). §4.1: unchanged."""
-    return meta
-
-
-def direct_msg(mid: str, sender: str, body: bytes, ts: int, qos: int,
-               sig: bytes | None = None, meta: dict[str, str] | None = None) -> bytes:
-    """A direct `msg` (§4) as sent, live."""
-    return encode_msg(mid, sender, body, ts, qos, sig, delivered_meta(meta))
+# §4.1: meta passes through unchanged, so the live frames are the encoders themselves
+# (a wrapper would cost a call per relayed message).
+direct_msg = encode_msg
+topic_msg = encode_topic_msg
 
 
 def stored_msg(m: StoredMessage) -> bytes:
     """A stored QoS 1 message, written again from the store (§4 redelivery)."""
-    return encode_msg(m.mid, m.sender, m.body, m.created, 1, m.sig, delivered_meta(m.meta))
-
-
-def topic_msg(mid: str, sender: str, topic: str, seq: int, body: bytes, ts: int,
-              sig: bytes | None = None, meta: dict[str, str] | None = None) -> bytes:
-    """A topic `msg` (§5) as published, live."""
-    return encode_topic_msg(mid, sender, topic, seq, body, ts, sig, delivered_meta(meta))
+    return encode_msg(m.mid, m.sender, m.body, m.created, 1, m.sig, m.meta)
 
 
 def topic_msg_of(e: HistoryEntry) -> bytes:
     """A topic `msg` read back from history (§5 recovery, gaps filled)."""
     return encode_topic_msg(e.mid, e.sender, e.topic, e.seq, e.body, e.ts, e.sig,
-                            delivered_meta(e.meta))
+                            e.meta)
 
 
 def history_item(e: HistoryEntry) -> bytes:
     """One of the `msgs` of a `history` reply (§5.2)."""
     return encode_history_item(e.mid, e.sender, e.topic, e.seq, e.body, e.ts, e.sig,
-                               delivered_meta(e.meta))
+                               e.meta)

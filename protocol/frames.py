@@ -428,6 +428,13 @@ def _parse_send(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimi
         raise _Bad("qos: must be 0 or 1")
     elif fid is None:
         raise _Bad("id: required for qos 1")
+    if len(body) > limits.max_body_bytes:
+        raise _Bad(f"body: larger than {limits.max_body_bytes} bytes", TOO_LARGE)
+    # Most sends carry only t, to, body and maybe id and qos: then the five optional
+    # fields are absent, known from the key count alone (a lookup each saved per frame,
+    # the relay's hot path). A key present with a nil value takes the long way, same result.
+    if len(frame) == 3 + (fid is not None) + (qos != 0 or "qos" in frame):
+        return _new(Send, (fid, to, body, qos, None, None, False, None, None))
     ttl = None if get("ttl") is None else _opt_uint(frame, "ttl", 1)
     sig = None if get("sig") is None else _opt_bin(frame, "sig", MAX_SIG_BYTES)
     receipt = False if get("receipt") is None else _opt_bool(frame, "receipt")
@@ -440,8 +447,6 @@ def _parse_send(frame: dict[Any, Any], fid: int | str | None, limits: DecodeLimi
     meta = get("meta")
     if meta is not None:
         meta = _msg_meta(meta)
-    if len(body) > limits.max_body_bytes:
-        raise _Bad(f"body: larger than {limits.max_body_bytes} bytes", TOO_LARGE)
     return _new(Send, (fid, to, body, qos, ttl, sig, receipt, cid, meta))
 
 
