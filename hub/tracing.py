@@ -427,12 +427,21 @@ class Tracing:
                    fn: Callable[..., Coroutine[Any, Any, Any]]
                    ) -> Callable[..., Coroutine[Any, Any, Any]]:
         """A store method (hub/breaker.py's GuardedStore) in a client span: the system
-        and the operation, never a statement or its parameters."""
+        and the operation, never a statement or its parameters.
+
+        Only inside a sampled trace (a traced message, a sampled handshake or admin
+        request): a store call on its own would be a root span, and making one, even an
+        unsampled one, cost 10-20 % of QoS 1 throughput (docs/benchmarks.md, tracing)."""
         tracer, client, error = self.tracer, self._client, self._error
+        current = self._trace.get_current_span
         attributes = {"db.system": db_system, "db.system.name": db_system,
                       "db.operation.name": op}
 
         async def call(*args: Any, **kwargs: Any) -> Any:
+            # The parent may have ended already (a send's span, before its task ran the
+            # store call): its context's sampled flag, not is_recording(), decides.
+            if not current().get_span_context().trace_flags.sampled:
+                return await fn(*args, **kwargs)
             with tracer.start_as_current_span(op, kind=client, attributes=attributes,
                                               record_exception=False,
                                               set_status_on_exception=False) as span:
