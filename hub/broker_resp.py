@@ -8,6 +8,18 @@ benchmarks.md, "cluster"), which is most of a cross-instance hop at a paced 5,00
 msg/s. Here a pipeline is one `transport.write` of bytes built in one join, and replies
 and pushes are parsed in `data_received` with no await, task or future per reply.
 
+Measured again with hiredis (2026-12-06, 2 vCPU, rounds alternating, docs/benchmarks.md
+"redis-py with hiredis"): this class against the kindest use of redis-py 8.2 with
+hiredis 3.5, the same broker code over redis-py's own Connection (commands written as
+they are here, replies read by `read_response` through the hiredis parser in one reader
+task; its high-level Pipeline and PubSub only add to that):
+- `python -m bench cluster --targets hub-cluster --runs 3 --seconds 5`: 77,425 and
+  77,663 msgs/s here, 72,846 and 61,521 with redis-py;
+- `python -m bench latency --targets hub-cluster --runs 3 --seconds 5` (5,000 msg/s):
+  p50 0.84 / 0.79 ms, p99 3.3 / 2.6 ms, hub CPU 0.72 / 0.64 here; p50 1.03 / 1.01 ms,
+  p99 3.7 / 3.8 ms, hub CPU 0.84 / 0.83 with redis-py.
+redis-py costs 17-30 % more hub CPU per relayed message across instances, so this stays.
+
 Connection settings (host, port, credentials, TLS) are taken from a redis-py
 connection pool, so `broker.url` means the same thing on both paths.
 """
