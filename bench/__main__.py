@@ -1,10 +1,11 @@
-"""`python -m bench <scenario>` (also `openred-hub bench ...`): the benchmarks of issue 6.
+"""`python -m bench <scenario>` (also `openred-hub bench ...`): the benchmarks of
+docs/benchmarks.md.
 
 Each run starts the hub (pinned to CPU 0 with taskset when present) and, in the same
 run, the baseline relays (bench/baselines/, pinned the same way), drives them with the
 lean generator (bench/lean.py, pinned to CPU 1) and reports the median of `--runs` runs
-per target, the ratios to the baselines and the goals of the issue. Output: a table, one
-JSON line (also appended to bench/results/<date>.jsonl), with `--plot` PNG charts.
+per target, the ratios to the baselines and the goals of docs/benchmarks.md. Output: a
+table, one JSON line (also appended to bench/results/<date>.jsonl), with `--plot` PNG charts.
 
     python -m bench direct                  # hub vs websockets, picows, coalesced picows
     python -m bench latency --rate 5000
@@ -226,7 +227,7 @@ def _ratio(x: Any, y: Any) -> float | None:
 
 def _analyse(a: argparse.Namespace, res: dict[str, dict[str, Any]]) -> tuple[
         dict[str, Any], dict[str, Any], list[str]]:
-    """Ratios to the same-run baselines, the issue's goals, and notes."""
+    """Ratios to the same-run baselines, the goals (docs/benchmarks.md), and notes."""
     ratios: dict[str, Any] = {}
     goals: dict[str, Any] = {}
     notes: list[str] = []

@@ -3,7 +3,7 @@ private Redis, throwaway PostgreSQL schemas; CPU pinning, file limits, CPU and m
 readings from /proc.
 
 Servers (and Redis) go to CPU 0, the load generator to CPU 1, with `taskset` when it is
-there (one core each on a 2-core machine, as in issue 6). Every server's output goes to
+there (one core each on a 2-core machine, as the scenarios specify). Every server's output goes to
 a log file whose warnings and errors are reported with the results.
 """
 

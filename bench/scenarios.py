@@ -1,4 +1,5 @@
-"""The scenarios of issue 6. Each is `async def name(target, args, progress) -> dict`,
+"""The benchmark scenarios (docs/benchmarks.md). Each is
+`async def name(target, args, progress) -> dict`,
 run once per target per run in its own event loop (uvloop), with the target's servers
 already started (bench/procs.py). Every result carries the generator's own CPU share
 (`generator_cpu`, resource.getrusage of this process over the measured window) and the

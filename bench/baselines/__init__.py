@@ -1,4 +1,4 @@
-"""Minimal relays measured in the same run as the hub (issue 6): no authentication, no
+"""Minimal relays measured in the same run as the hub (docs/benchmarks.md): no authentication, no
 validation, no limits, no metrics. A node says who it is with one tiny first frame
 (`{"t":"hello","node":ID}`, answered by `{"t":"welcome","node":ID}`); then `send`
 (`to`, `body`) is forwarded as `{"t":"msg","from","body"}`, `sub` (`topic`, `id`) is

@@ -1,5 +1,5 @@
 """Multi-instance fixtures: real hub PROCESSES sharing one Redis and one PostgreSQL
-(issue 4 acceptance), a private Redis a test may kill and restart, and a real nginx.
+(README "Many instances"), a private Redis a test may kill and restart, and a real nginx.
 
 - `make_cluster(n, broker_url=None, **env)` starts `n` hub processes
   (`python -m openred.hub serve`, cwd tmp_path, no inherited `OPENRED_HUB_*` variable) on free

@@ -1,4 +1,4 @@
-"""Many instances are one hub (issue 4 acceptance): 2 or 3 real hub processes on one
+"""Many instances are one hub (README "Many instances"): 2 or 3 real hub processes on one
 Redis and one PostgreSQL, checked through raw protocol frames (docs/protocol.md section in
 each test's docstring). Faults are real: a Redis process killed and restarted, a hub
 process killed with SIGKILL."""

@@ -1,5 +1,5 @@
 """A real nginx (Debian package) with the config shipped in deploy/nginx/nginx.conf,
-load-balancing WebSocket upgrades over two real hub processes (issue 4 acceptance).
+load-balancing WebSocket upgrades over two real hub processes (README "Many instances").
 Without nginx these tests skip, and fail under CI=true (tests/cluster/conftest.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""QoS 1 after a broker outage, inside one real hub (docs/protocol.md §4; issue 4): messages
+"""QoS 1 after a broker outage, inside one real hub (docs/protocol.md §4, §11): messages
 stored while the broker could not route them reach their online recipients when the
 broker is back (`HubNode.on_broker_up`), without a reconnect, in order, never written
 twice to a session that has them unacked, and with bounded store work. A message
