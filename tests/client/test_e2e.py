@@ -27,6 +27,7 @@ from openred.client import (
     RemoteError,
     RequestTimeout,
     StateEvent,
+    TopicGap,
     _otel,
 )
 from openred.client.crypto import topic_message
@@ -425,3 +426,29 @@ async def test_trace_context_travels_in_meta(hub: Any, fake_otel: None) -> None:
         for m in (await next_msg(b), await next_msg(sub)):
             assert m.meta["traceparent"].startswith("00-")
             assert m.trace_context is not None and m.trace_context[0] == "ctx"
+
+
+async def test_sdk_topic_gap_after_a_reconnect_is_a_typed_event(make_hub: Any) -> None:
+    """§5: publications dropped from history while the node was away come back as one
+    `TopicGap` in its subscription (and to `on_event`), before what history still held;
+    the disconnect itself is a typed `Disconnected` that will retry."""
+    hub = await make_hub(**{"store.topic_history": 2})
+    states: list[StateEvent] = []
+    events: list[Any] = []
+    async with node(hub, backoff_min_s=0.5, backoff_max_s=1.0, on_state=states.append,
+                    on_event=events.append) as b, node(hub) as a:
+        sub = await b.subscribe("feed")
+        await a.publish("feed", b"1")
+        assert (await next_msg(sub)).seq == 1
+        hub.node.local[b.node_id].close(4011, "idle timeout")  # §9: reconnect
+        await eventually(lambda: not b.connected, 5)
+        for i in range(2, 7):  # history keeps 5 and 6 only
+            await a.publish("feed", b"%d" % i)
+        await b.wait_connected()
+        gap = await next_msg(sub)
+        assert gap == TopicGap("feed", 2, 4)
+        assert [(m.seq, m.body) for m in [await next_msg(sub) for _ in range(2)]] == [
+            (5, b"5"), (6, b"6")]
+    assert TopicGap("feed", 2, 4) in events
+    assert any(isinstance(s, Disconnected) and s.code == 4011 and s.will_retry
+               for s in states)
