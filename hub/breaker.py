@@ -182,6 +182,9 @@ STORE_READS = frozenset({
 })
 # Timed in store_write_seconds: the group-committed message writes.
 STORE_WRITES = frozenset({"enqueue", "ack", "append_history"})
+# Store calls waiting for a connection slot (GuardedStore) beyond which a call is refused
+# at once (`unavailable`, no breaker verdict): a bound on what a storm can queue.
+MAX_QUEUED = 50_000
 # Never guarded: lifecycle, and what must run whatever the breaker says.
 _PASSTHROUGH = frozenset({"open", "close", "migrate", "start", "maintain"})
 
@@ -239,6 +242,15 @@ class GuardedStore(_Guard):
         self.timeout_s = timeout_s
         self._tracing = tracing
         self._db_system = db_system
+        # Calls that take a pool connection of their own (every one but the group-
+        # committed writes, which queue in the store's writer) wait here for one, so a
+        # reconnect storm queues instead of timing out inside the pool and opening the
+        # breaker (which turned 10,000 reconnecting nodes into a minute-long outage).
+        # Two connections stay for the writer and the in-doubt resolver. A store with one
+        # connection (SQLite: its own thread, which queues and batches) is not gated.
+        pool = store.pool_usage()[1]
+        self._slots = asyncio.Semaphore(pool - 2) if pool > 2 else None
+        self._queued = 0
 
     @property
     def inner(self) -> Store:
@@ -250,7 +262,25 @@ class GuardedStore(_Guard):
         observe = self._metrics.store_write_seconds.observe if op in STORE_WRITES else None
         keys = {o: (op, o) for o in ("ok", "refused", "error", "timeout", "rejected")}
 
+        slots = None if op in STORE_WRITES else self._slots
+
         async def call(*args: Any, **kwargs: Any) -> Any:
+            if slots is None:
+                return await run(*args, **kwargs)
+            if self._queued >= MAX_QUEUED and slots.locked():
+                ops[keys["rejected"]] += 1  # no verdict: the store is busy, not down
+                raise StoreUnavailable("store unavailable: too many calls waiting")
+            self._queued += 1
+            try:
+                await slots.acquire()
+            finally:
+                self._queued -= 1
+            try:
+                return await run(*args, **kwargs)
+            finally:
+                slots.release()
+
+        async def run(*args: Any, **kwargs: Any) -> Any:
             if not breaker.allow():
                 ops[keys["rejected"]] += 1
                 raise StoreUnavailable("store unavailable: circuit breaker open")

@@ -131,6 +131,9 @@ class FakeStore:
     async def count_pending(self, node_id: str, now_ms: int) -> int:
         return await self._answer()
 
+    def pool_usage(self) -> tuple[int, int]:
+        return 0, 1  # one connection: not gated (as SQLite)
+
     async def brand_new_method(self, x: int) -> int:  # a contract method added later
         return x + await self._answer()
 
