@@ -376,47 +376,42 @@ class Tracing:
     def broker_node_receiver(self, on_node_frame: Callable[..., None]) -> Callable[..., None]:
         """The broker handler's `on_node_frame`: a `broker receive` span for a traced
         frame from another instance, which then carries that span."""
-        tracer, consumer = self.tracer, self._consumer
-
         def receive(node_id: str, frame: bytes, *args: Any, **kwargs: Any) -> None:
             found = self._frame_parent(frame)
             if found is None:
                 on_node_frame(node_id, frame, *args, **kwargs)
                 return
             d, parent = found
-            with tracer.start_as_current_span("broker receive", context=parent, kind=consumer,
-                                              attributes={
-                                                  "messaging.system": "redis",
-                                                  "messaging.operation.type": "receive",
-                                                  "messaging.operation.name": "receive",
-                                                  "messaging.destination.name": node_id,
-                                                  "messaging.message.id": str(d.get("mid")),
-                                              }) as span:
+            with self._receive_span(parent, node_id, d, {}) as span:
                 on_node_frame(node_id, self._reframe(d, span), *args, **kwargs)
 
         return receive
+
+    def _receive_span(self, parent: Any, destination: str, d: dict[str, Any],
+                      extra: dict[str, Any]) -> Any:
+        """A `broker receive` span of a traced frame `d` from another instance."""
+        return self.tracer.start_as_current_span(
+            "broker receive", context=parent, kind=self._consumer, attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "receive",
+                "messaging.operation.name": "receive",
+                "messaging.destination.name": destination,
+                "messaging.message.id": str(d.get("mid")),
+                **extra,
+            })
 
     def broker_topic_receiver(self, on_topic_frame: Callable[..., None],
                               topics: Callable[[str], int]) -> Callable[..., None]:
         """The broker handler's `on_topic_frame`: as `broker_node_receiver`, with the
         count of this instance's subscribers (`topics(topic)`)."""
-        tracer, consumer = self.tracer, self._consumer
-
         def receive(topic: str, seq: int, frame: bytes, *args: Any, **kwargs: Any) -> None:
             found = self._frame_parent(frame)
             if found is None:
                 on_topic_frame(topic, seq, frame, *args, **kwargs)
                 return
             d, parent = found
-            with tracer.start_as_current_span("broker receive", context=parent, kind=consumer,
-                                              attributes={
-                                                  "messaging.system": "redis",
-                                                  "messaging.operation.type": "receive",
-                                                  "messaging.operation.name": "receive",
-                                                  "messaging.destination.name": topic,
-                                                  "messaging.message.id": str(d.get("mid")),
-                                                  "openred.fanout.local": topics(topic),
-                                              }) as span:
+            with self._receive_span(parent, topic, d,
+                                    {"openred.fanout.local": topics(topic)}) as span:
                 on_topic_frame(topic, seq, self._reframe(d, span), *args, **kwargs)
 
         return receive

@@ -52,7 +52,6 @@ from openred.protocol.frames import batch_of, encode_bye, encode_ok, encode_rece
 from openred.protocol.identity import Identity, save_key_file
 from websockets.exceptions import InvalidStatus, InvalidURI
 
-from tests.client.conftest import free_port
 from tests.client.fakehub import (
     LIMITS,
     TOKEN,
@@ -62,6 +61,7 @@ from tests.client.fakehub import (
     pack,
     topic_msg,
 )
+from tests.cluster.conftest import free_port
 from tests.conftest import FACTOR, timeout
 
 SCALE = FACTOR
@@ -579,6 +579,27 @@ async def test_sync_and_async_callbacks_both_run(fake: FakeHub, ident: Identity)
     assert [type(e) for e in async_seen] == [Connected, Disconnected, Closed]
     assert [type(e) for e in sync_seen if not isinstance(e, Receipt)] == [
         Connected, Disconnected, Closed]
+
+
+async def test_async_callbacks_that_fall_behind_are_bounded(fake: FakeHub,
+                                                           ident: Identity) -> None:
+    """Receipts faster than an async callback runs: at most `max_queue` wait, the rest
+    are dropped and counted, and the client goes on."""
+    release = asyncio.Event()
+    seen: list[Receipt] = []
+
+    async def on_receipt(r: Receipt) -> None:
+        await release.wait()
+        seen.append(r)
+
+    async with client(fake, ident, on_receipt=on_receipt, max_queue=5) as c:
+        await fake.push(batch_of([encode_receipt(f"m{i}", "dave", i) for i in range(20)]))
+        # One batch, read in one go: five wait, fifteen are dropped.
+        await eventually(lambda: c.callbacks_dropped == 15)
+        release.set()
+        await eventually(lambda: len(seen) == 5)
+        assert [r.mid for r in seen] == [f"m{i}" for i in range(5)]
+        assert await c.send("bob", b"still") == "mid-still"
 
 
 # -- disconnects, reconnects, topics -------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from openred.client import Client, Connected, Disconnected, Event, Message
 from openred.protocol.identity import Identity
 
-from tests.client.conftest import HubProcess
+from tests.cluster.conftest import HubProcess
 from tests.conftest import timeout
 
 N = 2000

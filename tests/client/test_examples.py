@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.client.conftest import HubProcess
+from tests.cluster.conftest import HubProcess
 from tests.conftest import timeout
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -384,6 +384,7 @@ class Client:
         self._started = False  # connect() was called
         self._closed = False  # close() was called
         self._final: ConnectionLost | None = None
+        self.callbacks_dropped = 0  # async callbacks past `max_queue` (see _call)
         self._last_kick = -KICK_REPEAT_S  # monotonic time of the last 4012
         self._last_down = ConnectionLost(_CLOSE_ABNORMAL, "not connected")
 
@@ -593,6 +594,16 @@ class Client:
             if self._callback_runner is None or self._callback_runner.done():
                 self._callback_runner = asyncio.create_task(
                     self._run_callbacks(self._callbacks), name="openred-client-callbacks")
+            if self._callbacks.qsize() >= self._max_queue:
+                # Receipts and presence events come as fast as the hub sends them: an
+                # async callback that cannot keep up loses the newest, it does not grow
+                # the queue without bound (the same `max_queue` as received messages).
+                if inspect.iscoroutine(result):
+                    result.close()
+                self.callbacks_dropped += 1
+                log.warning("async callback dropped: %d already waiting", self._max_queue,
+                            extra={"event": "callback_dropped"})
+                return
             self._callbacks.put_nowait(result)
 
     @staticmethod

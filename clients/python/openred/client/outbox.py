@@ -291,16 +291,21 @@ class Outbox:
             self._saved = version
 
 
+def _write_synced(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`, then fsync; closes `fd`."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _append(path: Path, data: bytes) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0)),
+                      data)
     except OSError as exc:
         raise OutboxError(f"cannot write outbox file {path}") from exc
 
@@ -308,15 +313,8 @@ def _append(path: Path, data: bytes) -> None:
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                              | getattr(os, "O_BINARY", 0), 0o600), data)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
