@@ -8,7 +8,6 @@ wire hold only ciphertext), trace context (§13)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import time
 import types
@@ -33,18 +32,13 @@ from openred.client import (
 from openred.client.crypto import topic_message
 from openred.protocol.identity import Identity
 
+from tests.cluster.conftest import free_port
 from tests.conftest import timeout
 from tests.hub.nodes import RawNode, eventually
 
 
 def ws_url(hub: Any, port: int | None = None) -> str:
     return f"ws://127.0.0.1:{port or hub.ws_port}/v1/ws"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def next_msg(it: Any, wait: float = 5.0) -> Any:
