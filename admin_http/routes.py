@@ -711,7 +711,8 @@ ROUTES: tuple[Route, ...] = (
                            s404=Resp("node not registered (allowlist mode)", content_type=P),
                            s409=Resp("the node's queue is full", content_type=P))),
     Route("GET", "/v1/messages/{mid}", get_message, "getMessage",
-          "a QoS 1 message's state",
+          "a QoS 1 message's state (asked of another instance than the one that "
+          "delivered it, `delivered` may lag by up to 1 s until the ack)",
           params=(Param("mid", "path", {"type": "string", "pattern": MID_PATTERN},
                         "message id", True),),
           responses=_admin((200, Resp("its state", "MessageState")), bad=True,

@@ -43,6 +43,7 @@ from openred.persistence.store import (
     ACKED_KEEP_MS,
     AckResult,
     AuditEvent,
+    DeliveredMarks,
     HistoryEntry,
     MessageState,
     NodeRecord,
@@ -207,7 +208,8 @@ def _meta_of(text: str | None) -> dict[str, str] | None:
     return None if text is None else cast(dict[str, str], json.loads(text))
 
 
-def _op_ping(conn: sqlite3.Connection) -> None:
+def _op_ping(conn: sqlite3.Connection, marks: DeliveredMarks) -> None:
+    _op_mark_delivered(conn, *marks.take_due(everything=True))  # the flush: held marks too
     conn.execute("SELECT 1").fetchone()
 
 
@@ -436,37 +438,47 @@ def _op_pending_total(conn: sqlite3.Connection, now_ms: int) -> int:
     return int(count)
 
 
-def _op_mark_delivered(conn: sqlite3.Connection, mids: list[str], now_ms: int) -> None:
+def _op_hold_delivered(conn: sqlite3.Connection, mids: list[str], now_ms: int) -> None:
+    """Marker operation of `mark_delivered_nowait`: the store thread holds the marks
+    (`DeliveredMarks`) instead of running it."""
+
+
+def _op_mark_delivered(conn: sqlite3.Connection, mids: list[str], times: list[int]) -> None:
     # The first delivery time is kept; a redelivery does not move it.
     conn.executemany(
         "UPDATE messages SET delivered = ? WHERE mid = ? AND delivered IS NULL",
-        [(now_ms, mid) for mid in mids],
+        zip(times, mids, strict=True),
     )
 
 
-def _op_ack(conn: sqlite3.Connection, counts: PendingCounts, node_id: str, mids: list[str],
-            now_ms: int) -> list[AckResult]:
+def _op_ack(conn: sqlite3.Connection, counts: PendingCounts, marks: DeliveredMarks,
+            node_id: str, mids: list[str], now_ms: int) -> list[AckResult]:
     acked: list[AckResult] = []
     for mid in mids:
         # §4: only the recipient acks; an unknown mid or another node's changes nothing.
+        # An ack proves delivery even if the best-effort delivered mark was lost; it
+        # writes the mark held for it (DeliveredMarks) in the same row update.
+        at = marks.take(mid)
         row = conn.execute(
-            "SELECT seq, sender, receipt, expires FROM messages"
-            " WHERE mid = ? AND recipient = ? AND acked IS NULL",
-            (mid, node_id),
+            "UPDATE messages SET acked = ?, delivered = COALESCE(delivered, ?)"
+            " WHERE mid = ? AND recipient = ? AND acked IS NULL"
+            " RETURNING sender, receipt, expires",
+            (now_ms, now_ms if at is None else at, mid, node_id),
         ).fetchone()
         if row is None:
             continue
-        # An ack proves delivery even if the best-effort delivered mark was lost.
-        conn.execute(
-            "UPDATE messages SET acked = ?, delivered = COALESCE(delivered, ?) WHERE seq = ?",
-            (now_ms, now_ms, row[0]),
-        )
-        counts.acked(node_id, row[3])
-        acked.append(AckResult(mid=mid, sender=row[1], receipt=bool(row[2])))
+        counts.acked(node_id, row[2])
+        acked.append(AckResult(mid=mid, sender=row[0], receipt=bool(row[1])))
     return acked
 
 
-def _op_message_state(conn: sqlite3.Connection, mid: str, now_ms: int) -> MessageState | None:
+# Operations that write with one statement at most (besides _op_enqueue without a cid):
+# they run without a savepoint of their own.
+_ONE_WRITE = frozenset({_op_mark_delivered})
+
+
+def _op_message_state(conn: sqlite3.Connection, marks: DeliveredMarks, mid: str,
+                      now_ms: int) -> MessageState | None:
     row = conn.execute(
         "SELECT sender, recipient, created, expires, delivered, acked FROM messages"
         " WHERE mid = ?",
@@ -475,6 +487,8 @@ def _op_message_state(conn: sqlite3.Connection, mid: str, now_ms: int) -> Messag
     if row is None:
         return None
     sender, recipient, created, expires, delivered, acked = row
+    if delivered is None and acked is None:
+        delivered = marks.get(mid)
     if acked is not None:
         state = "acked"
     elif expires <= now_ms:
@@ -660,6 +674,8 @@ class SqliteStore:
       cannot grow memory without bound.
     - `nowait_linger_s` (0.05): fire-and-forget items alone wait this long for an awaited
       call to ride with, instead of committing on their own.
+    - `delivered_marks`: delivered marks held for the ack to write (`DeliveredMarks`:
+      `hold_s` 1, `max_held` 100,000).
     - `busy_timeout_ms` (5,000): how long to wait for another process holding the write
       lock (e.g. `openred-hub migrate`) before the batch fails with StoreUnavailable.
     """
@@ -677,6 +693,7 @@ class SqliteStore:
         self._migrations_dir = migrations_dir
         self.commits = 0
         self._counts = PendingCounts()  # store thread only
+        self.delivered_marks = DeliveredMarks()  # store thread only
         self._dropped_loop = 0  # counted under _cond (event loop side)
         self._dropped_thread = 0  # counted by the store thread only
         self._cond = threading.Condition(threading.Lock())
@@ -734,7 +751,7 @@ class SqliteStore:
         return await self._call_raw(self._migrations, True)
 
     async def ping(self) -> None:
-        await self._call(_op_ping)
+        await self._call(_op_ping, self.delivered_marks)
 
     # -- nodes ----------------------------------------------------------------------------
 
@@ -793,16 +810,17 @@ class SqliteStore:
 
     def mark_delivered_nowait(self, mids: list[str], now_ms: int) -> None:
         if mids:
-            self._submit_nowait(_op_mark_delivered, (list(mids), now_ms))
+            self._submit_nowait(_op_hold_delivered, (list(mids), now_ms))
 
     async def ack(self, node_id: str, mids: list[str], now_ms: int) -> list[AckResult]:
         if not mids:
             self._check_usable()
             return []
-        return await self._call(_op_ack, self._counts, node_id, list(mids), now_ms)
+        return await self._call(_op_ack, self._counts, self.delivered_marks, node_id,
+                                list(mids), now_ms)
 
     async def message_state(self, mid: str, now_ms: int) -> MessageState | None:
-        return await self._call(_op_message_state, mid, now_ms)
+        return await self._call(_op_message_state, self.delivered_marks, mid, now_ms)
 
     async def purge_expired(self, now_ms: int) -> int:
         return await self._call(_op_purge_expired, self._counts, now_ms)
@@ -986,12 +1004,19 @@ class SqliteStore:
 
     def _take(self) -> list[_Item]:
         """Wait for work, then take all of it (the batch)."""
+        marks = self.delivered_marks
         with self._cond:
             deadline: float | None = None
             while self._awaited == 0:
                 if not self._queue:
                     deadline = None
-                    self._cond.wait()
+                    due_in = marks.due_in()
+                    if due_in is None:
+                        self._cond.wait()
+                        continue
+                    if due_in <= 0:
+                        return []  # no work, but held delivered marks are due
+                    self._cond.wait(due_in)
                     continue
                 # Only fire-and-forget items: linger for an awaited call to ride with.
                 now = time.monotonic()
@@ -1014,21 +1039,35 @@ class SqliteStore:
         outcomes: list[_Outcome] = []
         run: list[_Item] = []
         stop: _Item | None = None
+        marks = self.delivered_marks
+        for item in batch:  # held first: an ack of this batch may write its mark
+            if item.fn is _op_hold_delivered:
+                marks.hold(*item.args)
         for item in batch:
             if stop is not None:  # nothing is queued after close(); be safe anyway
                 outcomes.append((item, None, StoreUnavailable("store: closed")))
+            elif item.fn is _op_hold_delivered:
+                continue
             elif not item.raw:
                 run.append(item)
             else:
+                if item.fn is _stop:  # closing: the held marks are written first
+                    self._add_due_marks(run, everything=True)
                 outcomes.extend(self._transaction(conn, run))
                 run = []
                 if item.fn is _stop:
                     stop = item
                 else:
                     outcomes.append(self._run_raw(conn, item))
+        self._add_due_marks(run)
         outcomes.extend(self._transaction(conn, run))
         self._post(outcomes)
         return stop
+
+    def _add_due_marks(self, run: list[_Item], everything: bool = False) -> None:
+        mids, times = self.delivered_marks.take_due(everything)
+        if mids:
+            run.append(_Item(_op_mark_delivered, (mids, times), None))
 
     def _run_raw(self, conn: sqlite3.Connection, item: _Item) -> _Outcome:
         try:
@@ -1044,6 +1083,20 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for item in items:
+                if item.fn in _ONE_WRITE or (item.fn is _op_enqueue and item.args[3] is None):
+                    # One statement writes: SQLite undoes a failed statement by itself,
+                    # so the savepoint's two statements per item are not needed.
+                    try:
+                        value = item.fn(conn, *item.args)
+                    except Exception as exc:
+                        if _is_batch_error(exc):
+                            raise
+                        if not isinstance(exc, QueueFull):
+                            self._counts.clear()
+                        outcomes.append((item, None, _item_error(exc)))
+                    else:
+                        outcomes.append((item, value, None))
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     value = item.fn(conn, *item.args)

@@ -36,6 +36,7 @@ Guarantees every implementation gives:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ __all__ = [
     "ACKED_KEEP_MS",
     "AckResult",
     "AuditEvent",
+    "DeliveredMarks",
     "HistoryEntry",
     "MessageState",
     "NodeRecord",
@@ -58,6 +60,76 @@ __all__ = [
 # Acked rows are kept this long so `message_state` can still answer "acked"; every
 # backend's `purge_expired` deletes them afterwards.
 ACKED_KEEP_MS = 86_400_000
+
+
+class DeliveredMarks:
+    """Delivered marks (`mark_delivered_nowait`) held back from the database for up to
+    `hold_s`, so that the ack that usually follows within milliseconds writes the mark
+    in its own row update: one write per acked message instead of two (the mark's
+    UPDATE was a third of a QoS 1 message's database time). A mark not acked within
+    `hold_s` is written then; past `max_held` marks the oldest are written at once.
+
+    Each backend's writer owns one (one thread or task touches it) and also answers
+    `message_state` from it, so this instance's reads never lag; another instance sees a
+    held mark at most `hold_s` late (README, admin API). A mark is best effort, as
+    before: the ack records delivery even if a mark is lost with a failed batch.
+    """
+
+    __slots__ = ("_held", "hold_s", "max_held")
+
+    def __init__(self, hold_s: float = 1.0, max_held: int = 100_000) -> None:
+        self.hold_s = hold_s
+        self.max_held = max_held
+        # mid -> (first delivery time ms, monotonic time it is due); insertion order is
+        # due order (hold_s is fixed), so the due ones are always at the front.
+        self._held: dict[str, tuple[int, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, mids: list[str], now_ms: int) -> None:
+        held = self._held
+        due = time.monotonic() + self.hold_s
+        for mid in mids:
+            if mid not in held:  # the first delivery time is kept
+                held[mid] = (now_ms, due)
+
+    def get(self, mid: str) -> int | None:
+        entry = self._held.get(mid)
+        return None if entry is None else entry[0]
+
+    def take(self, mid: str) -> int | None:
+        """The held mark of `mid`, which its ack now writes (None: none held)."""
+        entry = self._held.pop(mid, None)
+        return None if entry is None else entry[0]
+
+    def due_in(self) -> float | None:
+        """Seconds until the oldest held mark is due (<= 0: now); None: none held."""
+        for _, due in self._held.values():
+            return due - time.monotonic()
+        return None
+
+    def take_due(self, everything: bool = False) -> tuple[list[str], list[int]]:
+        """Take the marks to write now: the due ones and any past `max_held` (all of
+        them with `everything`: a flush or close)."""
+        held = self._held
+        if everything:
+            mids, entries = list(held), list(held.values())
+            held.clear()
+            return mids, [at for at, _ in entries]
+        now = time.monotonic()
+        over = len(held) - self.max_held
+        mids_: list[str] = []
+        times: list[int] = []
+        for mid, (at, due) in held.items():
+            if due > now and over <= 0:
+                break
+            mids_.append(mid)
+            times.append(at)
+            over -= 1
+        for mid in mids_:
+            del held[mid]
+        return mids_, times
 
 
 class StoreError(Exception):

@@ -741,6 +741,64 @@ async def test_closed_store_raises_unavailable(store_factory: StoreFactory) -> N
     await store.close()  # closing twice is fine
 
 
+async def _delivered_seen_by_another(store_factory: StoreFactory, mid: str) -> int | None:
+    """The delivered time of `mid` as another store on the same database reads it: what
+    is written, not what `store` holds in memory."""
+    other = store_factory.make()
+    await other.open()
+    try:
+        state = await other.message_state(mid, NOW + 2)
+        assert state is not None
+        return state.delivered
+    finally:
+        await other.close()
+
+
+async def test_delivered_mark_is_written_by_the_ack(store: Store,
+                                                    store_factory: StoreFactory) -> None:
+    """A mark is held (DeliveredMarks); the ack that follows writes it in its own row
+    update, with the time of the mark, not of the ack."""
+    store.delivered_marks.hold_s = 60.0  # type: ignore[attr-defined]
+    await store.enqueue(msg(1), 10)
+    store.mark_delivered_nowait([msg(1).mid], NOW + 1)
+    await store.enqueue(msg(2), 10)  # a commit after the mark: it is still held
+    assert await _delivered_seen_by_another(store_factory, msg(1).mid) is None
+    state = await store.message_state(msg(1).mid, NOW + 2)  # this instance knows
+    assert state is not None and (state.state, state.delivered) == ("delivered", NOW + 1)
+    assert [r.mid for r in await store.ack("bob", [msg(1).mid], NOW + 7)] == [msg(1).mid]
+    assert len(store.delivered_marks) == 0  # type: ignore[attr-defined]
+    assert await _delivered_seen_by_another(store_factory, msg(1).mid) == NOW + 1
+
+
+async def test_held_delivered_mark_is_written_after_hold_s(
+        store: Store, store_factory: StoreFactory) -> None:
+    store.delivered_marks.hold_s = 0.3  # type: ignore[attr-defined]
+    await store.enqueue(msg(1), 10)
+    store.mark_delivered_nowait([msg(1).mid], NOW + 1)
+    await asyncio.sleep(0.1)
+    assert await _delivered_seen_by_another(store_factory, msg(1).mid) is None
+    # No other call: the writer wakes for the due mark by itself.
+    deadline = asyncio.get_running_loop().time() + 5
+    while await _delivered_seen_by_another(store_factory, msg(1).mid) is None:
+        assert asyncio.get_running_loop().time() < deadline, "mark never written"
+        await asyncio.sleep(0.05)
+    assert await _delivered_seen_by_another(store_factory, msg(1).mid) == NOW + 1
+
+
+async def test_held_delivered_marks_are_bounded(store: Store,
+                                                store_factory: StoreFactory) -> None:
+    """Past max_held, the oldest marks are written with the next commit."""
+    marks = store.delivered_marks  # type: ignore[attr-defined]
+    marks.hold_s, marks.max_held = 60.0, 2
+    for i in range(4):
+        await store.enqueue(msg(i), 10)
+    store.mark_delivered_nowait([msg(i).mid for i in range(4)], NOW + 1)
+    await store.enqueue(msg(9), 10)  # the next commit
+    assert len(marks) == 2
+    seen = [await _delivered_seen_by_another(store_factory, msg(i).mid) for i in range(4)]
+    assert seen == [NOW + 1, NOW + 1, None, None]
+
+
 async def test_close_flushes_queued_work(store_factory: StoreFactory) -> None:
     assert store_factory.durable  # store_factory only builds durable backends
     store = store_factory.make()
