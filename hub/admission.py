@@ -208,24 +208,22 @@ class Admission:
             await hub.claims.claim(session)
         store = hub.store
         try:
-            rec = await store.get_node(node_id)
-            if session.state is not AUTH:  # the peer went away while we waited
-                return
-            if rec is not None and rec.banned:
-                self.refuse(session, "banned", E.FORBIDDEN, E.CLOSE_FORBIDDEN, node_id)
-                return
-            if hub.allowlist and (rec is None or not rec.registered):
-                self.refuse(session, "not registered", E.FORBIDDEN, E.CLOSE_FORBIDDEN,
-                            node_id)
-                return
-            await store.node_seen(node_id, hello.key, hello.meta, now)
-            pending = await store.count_pending(node_id, now)
+            # One group-committed call: the record as it was, `seen` unless banned (or
+            # not registered, allowlist mode), and the count of what is queued.
+            rec, pending = await store.session_start(node_id, hello.key, hello.meta, now,
+                                                     registered_only=hub.allowlist)
         except StoreUnavailable:
             hub.metrics.handshakes["unavailable"] += 1
             session.close(E.CLOSE_INTERNAL, "store unavailable",
                           error=encode_error(None, E.UNAVAILABLE, "store unavailable"))
             return
-        if session.state is not AUTH:
+        if session.state is not AUTH:  # the peer went away while we waited
+            return
+        if rec is not None and rec.banned:
+            self.refuse(session, "banned", E.FORBIDDEN, E.CLOSE_FORBIDDEN, node_id)
+            return
+        if hub.allowlist and (rec is None or not rec.registered):
+            self.refuse(session, "not registered", E.FORBIDDEN, E.CLOSE_FORBIDDEN, node_id)
             return
         if auth.key is None and rec is not None and rec.key is not None:
             # A token-authenticated node whose operator registered a key: the key is

@@ -181,7 +181,7 @@ STORE_READS = frozenset({
     "pending_total", "history_before",
 })
 # Timed in store_write_seconds: the group-committed message writes.
-STORE_WRITES = frozenset({"enqueue", "ack", "append_history"})
+STORE_WRITES = frozenset({"enqueue", "ack", "append_history", "session_start"})
 # Store calls waiting for a connection slot (GuardedStore) beyond which a call is refused
 # at once (`unavailable`, no breaker verdict): a bound on what a storm can queue.
 MAX_QUEUED = 50_000

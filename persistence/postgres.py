@@ -239,6 +239,24 @@ _MESSAGE_COLUMNS = "mid, sender, recipient, body, created, expires, sig, receipt
 _HISTORY_COLUMNS = "topic, seq, mid, sender, body, ts, sig, meta"
 
 _SQL_GET_NODE = f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = $1"
+# session_start, per batch. The rows are locked in id order: two instances' batches that
+# share nodes cannot deadlock on them.
+_SQL_LOCK_NODES = (
+    f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+)
+_SQL_NODES_SEEN = (
+    "UPDATE nodes AS n SET last_seen = u.at, key = COALESCE(u.key, n.key),"
+    " meta = COALESCE(u.meta::json, n.meta)"
+    " FROM unnest($1::text[], $2::bytea[], $3::text[], $4::bigint[]) AS u(id, key, meta, at)"
+    " WHERE n.id = u.id"
+)
+# New nodes; one another instance created meanwhile was seen there just now.
+_SQL_NODES_NEW = (
+    "INSERT INTO nodes (id, key, meta, first_seen, last_seen)"
+    " SELECT id, key, COALESCE(meta::json, '{}'::json), at, at"
+    " FROM unnest($1::text[], $2::bytea[], $3::text[], $4::bigint[]) AS u(id, key, meta, at)"
+    " ORDER BY id ON CONFLICT (id) DO NOTHING"
+)
 _SQL_NODE_SEEN = (
     "INSERT INTO nodes (id, key, meta, first_seen, last_seen)"
     " VALUES ($1, $2, COALESCE($3::json, '{}'::json), $4, $4)"
@@ -548,7 +566,7 @@ class PendingCounts:
 
 # -- the write queue ------------------------------------------------------------------------
 
-_ENQUEUE, _DELIVERED, _ACK, _HISTORY, _AUDIT = range(5)
+_ENQUEUE, _DELIVERED, _ACK, _HISTORY, _AUDIT, _SESSION = range(6)
 
 
 class _Item:
@@ -577,7 +595,7 @@ class _Batch:
     def __init__(self, items: list[_Item], careful: bool) -> None:
         self.items = items
         self.careful = careful
-        self.by_kind: list[list[_Item]] = [[], [], [], [], []]
+        self.by_kind: list[list[_Item]] = [[], [], [], [], [], []]
         for item in items:
             self.by_kind[item.kind].append(item)
 
@@ -724,7 +742,7 @@ class PostgresStore:
         self._nowait = 0  # fire-and-forget items in _queue
         self._next_no = 0  # number of the last item submitted
         self._done_no = 0  # every item up to this number is finished
-        self._last_no = [0] * 5  # number of the last item submitted, by kind
+        self._last_no = [0] * 6  # number of the last item submitted, by kind
         self._barriers: list[tuple[int, asyncio.Future[None]]] = []
         self._batch_no = 0
         self._counts = PendingCounts(self.pending_count_max_age_s)
@@ -1024,6 +1042,15 @@ class PostgresStore:
         meta_json = None if meta is None else self._json(meta)
         async with self._conn() as conn:
             await conn.execute(_SQL_NODE_SEEN, node_id, key, meta_json, now_ms)
+
+    async def session_start(self, node_id: str, key: bytes | None,
+                            meta: dict[str, Any] | None, now_ms: int, *,
+                            registered_only: bool = False) -> tuple[NodeRecord | None, int]:
+        _check_text(node_id)
+        meta_json = None if meta is None else self._json(meta)
+        result: tuple[NodeRecord | None, int] = await self._submit(
+            _SESSION, (node_id, key, meta_json, now_ms, registered_only))
+        return result
 
     async def put_node(self, node_id: str, meta: dict[str, Any], key: bytes | None,
                        now_ms: int) -> tuple[NodeRecord, bool]:
@@ -1682,6 +1709,8 @@ class PostgresStore:
                 outcomes.append((item, None, None))
         if batch.by_kind[_ACK]:
             await self._apply_acks(conn, batch.by_kind[_ACK], outcomes)
+        if batch.by_kind[_SESSION]:  # after the queue writes: the counts see them
+            await self._apply_sessions(conn, batch.by_kind[_SESSION], outcomes)
         if batch.by_kind[_HISTORY]:
             await self._apply_history(conn, batch.by_kind[_HISTORY], outcomes, batch.careful)
         if batch.by_kind[_AUDIT]:
@@ -1858,6 +1887,38 @@ class PostgresStore:
                 if owner[key][0] is item and key in acked:
                     result.append(acked.pop(key))
             outcomes.append((item, result, None))
+
+    async def _apply_sessions(self, conn: Any, items: list[_Item],
+                              outcomes: list[_Outcome]) -> None:
+        ids = sorted({item.args[0] for item in items})
+        before = {row[0]: _node(row) for row in await conn.fetch(_SQL_LOCK_NODES, ids)}
+        # node -> (key, meta, time): a node twice in a batch is seen with the later
+        # call's time, keeping an earlier key or meta the later one leaves out.
+        seen: dict[str, tuple[bytes | None, str | None, int]] = {}
+        at: dict[str, int] = {}
+        for item in items:
+            node_id, key, meta_json, now_ms, registered_only = item.args
+            at.setdefault(node_id, now_ms)
+            rec = before.get(node_id)
+            if rec is not None and rec.banned:
+                continue
+            if registered_only and (rec is None or not rec.registered):
+                continue
+            old = seen.get(node_id)
+            if old is not None:
+                key = key if key is not None else old[0]
+                meta_json = meta_json if meta_json is not None else old[1]
+            seen[node_id] = (key, meta_json, now_ms)
+        ordered = sorted(seen.items())  # inserts too take their keys in id order
+        for rows, sql in (([(n, *v) for n, v in ordered if n in before], _SQL_NODES_SEEN),
+                          ([(n, *v) for n, v in ordered if n not in before], _SQL_NODES_NEW)):
+            if rows:
+                await conn.execute(sql, *(list(c) for c in zip(*rows, strict=True)))
+        counts = {row[0]: row[1] for row in await conn.fetch(_SQL_COUNT_MANY, list(at),
+                                                              list(at.values()))}
+        for item in items:
+            node_id = item.args[0]
+            outcomes.append((item, (before.get(node_id), int(counts.get(node_id, 0))), None))
 
     async def _apply_history(self, conn: Any, items: list[_Item],
                              outcomes: list[_Outcome], careful: bool) -> None:

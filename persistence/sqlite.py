@@ -229,6 +229,16 @@ def _op_node_seen(conn: sqlite3.Connection, node_id: str, key: bytes | None,
     )
 
 
+def _op_session_start(conn: sqlite3.Connection, counts: PendingCounts, node_id: str,
+                      key: bytes | None, meta_json: str | None, now_ms: int,
+                      registered_only: bool) -> tuple[NodeRecord | None, int]:
+    rec = _op_get_node(conn, node_id)
+    banned = rec is not None and rec.banned
+    if not banned and not (registered_only and (rec is None or not rec.registered)):
+        _op_node_seen(conn, node_id, key, meta_json, now_ms)
+    return rec, counts.count(conn, node_id, now_ms)
+
+
 def _op_put_node(conn: sqlite3.Connection, node_id: str, meta_json: str, key: bytes | None,
                  now_ms: int) -> tuple[NodeRecord, bool]:
     created = conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is None
@@ -762,6 +772,13 @@ class SqliteStore:
                         now_ms: int) -> None:
         meta_json = None if meta is None else _dumps(meta)
         await self._call(_op_node_seen, node_id, key, meta_json, now_ms)
+
+    async def session_start(self, node_id: str, key: bytes | None,
+                            meta: dict[str, Any] | None, now_ms: int, *,
+                            registered_only: bool = False) -> tuple[NodeRecord | None, int]:
+        meta_json = None if meta is None else _dumps(meta)
+        return await self._call(_op_session_start, self._counts, node_id, key, meta_json,
+                                now_ms, registered_only)
 
     async def put_node(self, node_id: str, meta: dict[str, Any], key: bytes | None,
                        now_ms: int) -> tuple[NodeRecord, bool]:

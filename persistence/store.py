@@ -257,6 +257,16 @@ class Store(Protocol):
         """Record a successful authentication: create the node if new (first_seen),
         update last_seen, and key/meta when given."""
 
+    async def session_start(self, node_id: str, key: bytes | None,
+                            meta: dict[str, Any] | None, now_ms: int, *,
+                            registered_only: bool = False) -> tuple[NodeRecord | None, int]:
+        """A node authenticated: its record as it was before this call (None: unknown)
+        and its `count_pending` at `now_ms`, and, unless that record is banned (or, with
+        `registered_only`, the allowlist mode, missing or not registered), `node_seen`.
+        Group-committed with the queue writes and after those submitted before it: a
+        reconnect storm is a few statements per batch of nodes, not three round trips
+        (and a commit) per node."""
+
     async def put_node(self, node_id: str, meta: dict[str, Any], key: bytes | None,
                        now_ms: int) -> tuple[NodeRecord, bool]:
         """Register (or update) a node as an operator; returns (record, created)."""

@@ -420,7 +420,7 @@ async def test_store_error_during_the_handshake_ends_it(make_hub: Any,
     async def broken(*_a: Any, **_k: Any) -> None:
         raise ValueError("the store could not hold this")
 
-    monkeypatch.setattr(h.node.store, "node_seen", broken)
+    monkeypatch.setattr(h.node.store, "session_start", broken)
     ident = Identity.generate()
     node = await RawNode.open(h, ident)
     await node.send(hello_for(ident, node.challenge))

@@ -161,10 +161,10 @@ async def test_one_line_of_each_kind_in_ecs_fields(make_hub: Any, lines: Lines,
     assert [e.node for e in events] == [ident.public_key.hex()]
 
     # An error with its exception: the store failing in a way it should not.
-    async def broken(*args: Any) -> Any:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(hub.node.store, "get_node", broken)
+    monkeypatch.setattr(hub.node.store, "session_start", broken)
     victim = await RawNode.open(hub, Identity.generate())
     assert victim.identity is not None
     await victim.send({"t": "hello", "v": 1, "key": victim.identity.public_key,

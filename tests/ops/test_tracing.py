@@ -411,7 +411,7 @@ async def test_one_trace_across_instances_and_store_and_forward(
     handshakes = [s for s in collector.spans if s.name == "handshake"]
     assert {s.attributes.get("openred.auth.outcome") for s in handshakes} == {"accepted"}
     assert {s.attributes.get("openred.auth.method") for s in handshakes} == {"key"}
-    assert any(s.parent == h.span_id and s.name == "get_node"
+    assert any(s.parent == h.span_id and s.name == "session_start"
                for h in handshakes for s in collector.spans)
 
     assert all(s.attributes.get("messaging.message.id") != bad_mid

@@ -84,6 +84,56 @@ async def test_node_seen_creates_then_updates(any_store: Store) -> None:
     assert (node.key, node.meta, node.last_seen) == (b"k2", {"v": 2}, NOW + 9)
 
 
+async def test_session_start_sees_the_node_and_counts_its_queue(any_store: Store) -> None:
+    store = any_store
+    rec, pending = await store.session_start("alice", b"k1", {"v": 1}, NOW)
+    assert (rec, pending) == (None, 0)  # unknown until now: created
+    node = await store.get_node("alice")
+    assert node is not None
+    assert (node.key, node.meta, node.first_seen, node.last_seen) == (b"k1", {"v": 1}, NOW, NOW)
+
+    # The count sees the enqueues submitted before it (same batch or not); the record
+    # returned is the one before this call; key and meta not given are kept.
+    results = await asyncio.gather(store.enqueue(msg(1, to="alice"), 10),
+                                   store.enqueue(msg(2, to="alice"), 10),
+                                   store.session_start("alice", None, None, NOW + 5))
+    rec, pending = results[2]
+    assert rec is not None and (rec.key, rec.last_seen) == (b"k1", NOW)
+    assert pending == 2
+    node = await store.get_node("alice")
+    assert node is not None
+    assert (node.key, node.meta, node.first_seen, node.last_seen) == (b"k1", {"v": 1}, NOW,
+                                                                      NOW + 5)
+    # The same node twice in one batch: both answered, the later time kept.
+    both = await asyncio.gather(store.session_start("alice", b"k2", None, NOW + 6),
+                                store.session_start("alice", None, {"v": 3}, NOW + 7))
+    assert [p for _, p in both] == [2, 2]
+    node = await store.get_node("alice")
+    assert node is not None and (node.key, node.meta, node.last_seen) == (b"k2", {"v": 3},
+                                                                          NOW + 7)
+
+
+async def test_session_start_leaves_banned_and_unregistered_nodes_unseen(any_store: Store
+                                                                         ) -> None:
+    store = any_store
+    await store.node_seen("mallory", b"k", None, NOW)
+    await store.set_banned("mallory", True, NOW + 1)
+    rec, _ = await store.session_start("mallory", b"other", None, NOW + 5)
+    assert rec is not None and rec.banned
+    node = await store.get_node("mallory")
+    assert node is not None and (node.key, node.last_seen) == (b"k", NOW)
+
+    # Allowlist mode: a stranger is not created, a registered node is seen.
+    rec, pending = await store.session_start("stranger", b"k", None, NOW,
+                                             registered_only=True)
+    assert (rec, pending) == (None, 0) and await store.get_node("stranger") is None
+    await store.put_node("member", {}, b"k", NOW)
+    rec, _ = await store.session_start("member", None, None, NOW + 3, registered_only=True)
+    assert rec is not None and rec.registered
+    node = await store.get_node("member")
+    assert node is not None and node.last_seen == NOW + 3
+
+
 async def test_put_node_created_flag(store: Store) -> None:
     node, created = await store.put_node("alice", {"team": "a"}, b"key", NOW)
     assert created
