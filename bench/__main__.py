@@ -12,11 +12,16 @@ table, one JSON line (also appended to bench/results/<date>.jsonl), with `--plot
     python -m bench idle --sessions 10000
     python -m bench fanout --subscribers 10000 --rate 10
     python -m bench qos1 --store-url sqlite --store-url postgresql://postgres@127.0.0.1/test
+    python -m bench qos1 --store-url sqlite --targets hub,rabbitmq   # + RabbitMQ, same shape
     python -m bench cluster                 # 1 hub vs 2 hubs + Redis vs 2 relays + Redis
     python -m bench storm --nodes 10000 --per-node 5
 
 `--url ws://host:port` measures a running hub instead of starting one (no baselines
 unless asked with --targets).
+
+qos1's baseline is not started by the bench: `--targets hub,rabbitmq` adds the RabbitMQ
+running at `--amqp-url` (bench/rabbitmq.py; it needs Node.js, and installs its generator's
+packages with npm the first time), reported with the ratio hub/rabbitmq.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from bench.procs import (
     raise_nofile,
     start_target,
 )
+from bench.rabbitmq import DEFAULT_AMQP_URL, beam_pids, endpoint, pinned, prepare
 from bench.report import Progress, append_jsonl, json_line, machine, plot, print_table
 from bench.scenarios import SCENARIO_FUNCS
 
@@ -79,7 +85,8 @@ SPECS: dict[str, Spec] = {
         ("p99_ms", "p99 ms"), ("max_ms", "max ms"), ("late_50ms_share", "> 50 ms"),
         ("ratio", "hub/this p99"), *_CPU_COLS, ("runs", "runs (p99)")]),
     "qos1": Spec("msgs_per_s", True, ("hub",), [
-        ("target", "target"), ("msgs_per_s", "msgs/s"), ("ok_p50_ms", "ok p50 ms"),
+        ("target", "target"), ("msgs_per_s", "msgs/s"), ("ratio", "hub/rabbitmq"),
+        ("ok_p50_ms", "ok p50 ms"),
         ("ok_p99_ms", "ok p99 ms"), ("errors", "errors"), *_CPU_COLS, ("runs", "runs")]),
     "cluster": Spec("msgs_per_s", True, ("hub", "hub-cluster", "websockets-redis"), [
         ("target", "target"), ("msgs_per_s", "msgs/s"), *_CPU_COLS,
@@ -113,7 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="runs; the median is reported (3)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured window per run (10)")
     p.add_argument("--targets", help="comma-separated targets instead of the scenario's: hub, "
-                   "websockets, picows, picows-coalesced, hub-cluster, websockets-redis")
+                   "websockets, picows, picows-coalesced, hub-cluster, websockets-redis; "
+                   "qos1: hub (one row per --store-url), rabbitmq")
+    p.add_argument("--amqp-url", default=DEFAULT_AMQP_URL, metavar="URL",
+                   help="qos1 rabbitmq target: the running RabbitMQ to measure (default: "
+                   "its guest account on 127.0.0.1:5672)")
     p.add_argument("--no-baselines", action="store_true", help="the hub only")
     p.add_argument("--url", help="measure a running hub (ws://host:port) instead of starting "
                    "one; its CPU counts only with --pid")
@@ -174,9 +185,16 @@ class Planned:
 def _plan(a: argparse.Namespace) -> list[Planned]:
     spec = SPECS[a.scenario]
     if a.scenario == "qos1":
+        names = a.targets.split(",") if a.targets else ["hub"]
+        unknown = sorted(set(names) - {"hub", "rabbitmq"})
+        if unknown:
+            raise SystemExit(f"bench: qos1 targets are hub and rabbitmq, not {', '.join(unknown)}")
         urls = a.store_url or ["sqlite", DEFAULT_PG_URL]
-        return [Planned("hub " + ("postgresql" if u.startswith("postgres") else "sqlite"), "hub",
-                        None if u == "sqlite" else u) for u in urls]
+        plan = [Planned("hub " + ("postgresql" if u.startswith("postgres") else "sqlite"), "hub",
+                        None if u == "sqlite" else u) for u in urls] if "hub" in names else []
+        if "rabbitmq" in names and not a.no_baselines:
+            plan.append(Planned("rabbitmq", "rabbitmq"))
+        return plan
     store = (a.store_url or [None])[-1]
     store = None if store == "sqlite" else store
     names = a.targets.split(",") if a.targets else list(spec.targets)
@@ -197,6 +215,11 @@ def _target(p: Planned, a: argparse.Namespace) -> Iterator[Target]:
     if a.url and p.spec == "hub":
         host, port = a.url.removeprefix("ws://").split("/")[0].rsplit(":", 1)
         yield Target("hub (running)", [(host, int(port))], [a.pid] if a.pid else [], False)
+        return
+    if p.spec == "rabbitmq":  # a running service: nothing to start, its CPU is beam.smp's
+        pids = beam_pids()
+        with pinned(pids, cpus()[0]):
+            yield Target("rabbitmq", [endpoint(a.amqp_url)], pids, True, kind="rabbitmq")
         return
     hub_env = dict(kv.split("=", 1) for kv in a.hub_env)
     with start_target(p.spec, store_url=p.store_url, redis_url=a.redis_url,
@@ -302,6 +325,25 @@ def _analyse(a: argparse.Namespace, res: dict[str, dict[str, Any]]) -> tuple[
             ro = ratios["hub-cluster/hub"] = _ratio(two["msgs_per_s"], one["msgs_per_s"])
             goal("cluster >= 50 % of one instance", ro, ro is not None and ro >= 0.5,
                  (a.pairs, a.window) == (50, 32), ">= 0.5")
+    elif sc == "qos1" and "rabbitmq" in res:
+        rmq = res["rabbitmq"]
+        for name, r in res.items():
+            if name.startswith("hub"):
+                ratios[f"{name}/rabbitmq"] = r["ratio"] = _ratio(r["msgs_per_s"],
+                                                                  rmq["msgs_per_s"])
+                # RabbitMQ is not held to one core like the hub: compare per CPU second too.
+                if r["server_cpu"] and rmq["server_cpu"]:
+                    ratios[f"{name}/rabbitmq per server cpu"] = _ratio(
+                        r["msgs_per_s"] / r["server_cpu"], rmq["msgs_per_s"] / rmq["server_cpu"])
+        if rmq["server_cpu"] is None:
+            notes.append("rabbitmq: its CPU was not measured (no beam.smp process running "
+                         "RabbitMQ found in /proc)")
+        else:
+            where = ("pinned to the server CPU like the hub" if rmq["pinned"] else
+                     "NOT pinned (not allowed here): it may use every core, the generator's "
+                     "too, where the hub is held to one")
+            notes.append(f"rabbitmq: the broker used {rmq['server_cpu']:.2f} CPU, the "
+                         f"generator {rmq['generator_cpu']:.2f}; RabbitMQ was {where}")
     elif sc == "storm" and hub:
         t = hub.get("all_messages_s")
         goal("storm: all back with their messages within 10 s, zero loss", t,
@@ -320,8 +362,17 @@ def run_scenario(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     fn = SCENARIO_FUNCS[a.scenario]
     plan = _plan(a)
     env = machine()
-    runs: dict[str, list[dict[str, Any]]] = {p.label: [] for p in plan}
     problems: list[str] = []
+    if any(p.spec == "rabbitmq" for p in plan):
+        def say(text: str) -> None:
+            progress.clear()
+            print(text, file=sys.stderr, flush=True)
+
+        missing = prepare(a.amqp_url, say)
+        if missing:
+            problems.append(missing)
+            plan = [p for p in plan if p.spec != "rabbitmq"]
+    runs: dict[str, list[dict[str, Any]]] = {p.label: [] for p in plan}
     for i in range(a.runs):
         for p in plan:
             progress.prefix = f"[run {i + 1}/{a.runs}] "

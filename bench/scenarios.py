@@ -12,7 +12,9 @@ servers' (`server_cpu`, from /proc, Redis included for the cluster targets).
 - `idle`: N sessions held open; server RSS per session from VmRSS before and after.
 - `fanout`: 1 publisher -> N subscribers at a fixed rate; every delivery timed.
 - `qos1`: like `direct` with QoS 1: `window` sends per pair awaiting `ok stored`, the
-  receivers ack what they read (one `ack` with `mids` per read).
+  receivers ack what they read (one `ack` with `mids` per read). Its `rabbitmq` target
+  runs the same shape against RabbitMQ instead (bench/rabbitmq.py: durable queues,
+  persistent publishes, publisher confirms, acks with `multiple`).
 - `storm`: N nodes known to the hub, each with K QoS 1 messages stored while away, all
   reconnect at once: time until all are back and have all their messages; loss check.
 """
@@ -38,6 +40,7 @@ from openred.protocol.identity import Identity
 from bench.lean import LeanNode, client_frame, frames_of, read_stamp
 from bench.procs import Target, cpu_seconds, nofile_of, rss_kib
 from bench.profile import Profiler
+from bench.rabbitmq import qos1 as rabbitmq_qos1
 from bench.report import Progress, cdf_points, percentiles
 
 __all__ = ["SCENARIO_FUNCS"]
@@ -498,6 +501,8 @@ async def fanout(target: Target, a: argparse.Namespace, progress: Progress) -> d
 async def qos1(target: Target, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     """QoS 1 stored + delivered + acked: each sender keeps `window` sends awaiting their
     `ok stored`; each receiver acks what it gets, one ack frame per read (`mids`)."""
+    if target.kind == "rabbitmq":
+        return await rabbitmq_qos1(target, a, progress)
     body = os.urandom(a.body_bytes)
     n_ep = len(target.endpoints)
     senders = await connect_many(target, a.pairs, endpoint_of=lambda i: i % n_ep)

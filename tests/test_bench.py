@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from tests.services import need_redis
+from tests.services import missing, need_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def bench(*args: str) -> dict[str, Any]:
+def bench(*args: str, problems: bool = False) -> dict[str, Any]:
+    """One bench run's record. `problems`: the run may report problems."""
     proc = subprocess.run(
         [sys.executable, "-m", "bench", *args, "--runs", "1", "--no-save", "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
@@ -29,7 +32,7 @@ def bench(*args: str) -> dict[str, Any]:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, proc.stdout[-2000:]
     record: dict[str, Any] = json.loads(lines[-1])
-    assert record["problems"] == [], record["problems"]
+    assert problems or record["problems"] == [], record["problems"]
     return record
 
 
@@ -82,3 +85,34 @@ def test_cluster_routes_every_message_through_redis() -> None:
               "--redis-url", url)
     two = r["results"]["hub x2 + redis"]
     assert two["msgs_per_s"] > 0 and two["disconnects"] == 0 and two["errors"] == {}
+
+
+def test_qos1_against_rabbitmq() -> None:
+    """The same-run RabbitMQ comparison, against the RabbitMQ of the machine."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        missing("Node.js/npm not installed (the RabbitMQ generator needs them)")
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        missing("no RabbitMQ answers on 127.0.0.1:5672 (start it: rabbitmq-server -detached)")
+    r = bench("qos1", "--seconds", "1", "--pairs", "2", "--window", "4",
+              "--store-url", "sqlite", "--targets", "hub,rabbitmq")
+    hub, rmq = r["results"]["hub sqlite"], r["results"]["rabbitmq"]
+    assert rmq["msgs_per_s"] > 0 and rmq["errors"] == {} and rmq["generator_cpu"] > 0
+    assert "guest:guest" not in json.dumps(r)
+    assert r["ratios"]["hub sqlite/rabbitmq"] == round(hub["msgs_per_s"] / rmq["msgs_per_s"], 2)
+
+
+def test_qos1_without_rabbitmq_still_measures_the_hub() -> None:
+    """Nothing answers at --amqp-url: the rabbitmq row is a problem that says so (the
+    password not in it), the hub row is measured all the same."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        r = bench("qos1", "--seconds", "1", "--pairs", "2", "--window", "4",
+                  "--store-url", "sqlite", "--targets", "hub,rabbitmq",
+                  "--amqp-url", f"amqp://guest:s3cret@127.0.0.1:{port}/",
+                  problems=True)
+    assert r["results"]["hub sqlite"]["msgs_per_s"] > 0 and "rabbitmq" not in r["results"]
+    assert any(f"no RabbitMQ answers at 127.0.0.1:{port}" in p for p in r["problems"])
+    assert "s3cret" not in json.dumps(r)
