@@ -265,8 +265,7 @@ class GuardedStore(_Guard):
         slots = None if op in STORE_WRITES else self._slots
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            if slots is None:
-                return await run(*args, **kwargs)
+            assert slots is not None
             if self._queued >= MAX_QUEUED and slots.locked():
                 ops[keys["rejected"]] += 1  # no verdict: the store is busy, not down
                 raise StoreUnavailable("store unavailable: too many calls waiting")
@@ -320,9 +319,12 @@ class GuardedStore(_Guard):
                     if observe is not None:
                         observe(time.perf_counter() - t0)
 
+        # No slot to take (the group-committed writes, or an ungated store): one
+        # coroutine frame less per call.
+        fn_ = run if slots is None else call
         if self._tracing is not None:
-            return self._tracing.store_call(op, self._db_system, call)
-        return call
+            return self._tracing.store_call(op, self._db_system, fn_)
+        return fn_
 
 
 class _BrokerHandler:
