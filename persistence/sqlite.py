@@ -463,24 +463,34 @@ def _op_mark_delivered(conn: sqlite3.Connection, mids: list[str], times: list[in
 
 def _op_ack(conn: sqlite3.Connection, counts: PendingCounts, marks: DeliveredMarks,
             node_id: str, mids: list[str], now_ms: int) -> list[AckResult]:
-    acked: list[AckResult] = []
-    for mid in mids:
-        # §4: only the recipient acks; an unknown mid or another node's changes nothing.
-        # An ack proves delivery even if the best-effort delivered mark was lost; it
-        # writes the mark held for it (DeliveredMarks) in the same row update.
-        at = marks.take(mid)
-        row = conn.execute(
-            "UPDATE messages SET acked = ?, delivered = COALESCE(delivered, ?)"
-            " WHERE mid = ? AND recipient = ? AND acked IS NULL"
-            " RETURNING sender, receipt, expires",
-            (now_ms, now_ms if at is None else at, mid, node_id),
-        ).fetchone()
-        if row is None:
-            continue
-        counts.acked(node_id, row[2])
-        acked.append(AckResult(mid=mid, sender=row[0], receipt=bool(row[1])))
-    return acked
+    # One statement per ack frame (not per mid: a quarter less time per mid). §4: only
+    # the recipient acks; an unknown mid or another node's changes nothing. An ack
+    # proves delivery even if the best-effort delivered mark was lost; it writes the
+    # mark held for it (DeliveredMarks) in the same row update.
+    acked: dict[str, AckResult] = {}
+    for start in range(0, len(mids), _ACK_CHUNK):
+        chunk = dict.fromkeys(mids[start:start + _ACK_CHUNK])  # a mid named twice: once
+        args: list[Any] = [now_ms]
+        for mid in chunk:
+            at = marks.take(mid)
+            args += (mid, now_ms if at is None else at)
+        args.append(node_id)
+        rows = conn.execute(
+            "UPDATE messages SET acked = ?, delivered = COALESCE(messages.delivered, v.column2)"
+            f" FROM (VALUES {', '.join(['(?, ?)'] * len(chunk))}) AS v"
+            " WHERE messages.mid = v.column1 AND messages.recipient = ?"
+            " AND messages.acked IS NULL RETURNING messages.mid, sender, receipt, expires",
+            args,
+        ).fetchall()
+        for mid, sender, receipt, expires in rows:
+            counts.acked(node_id, expires)
+            acked[mid] = AckResult(mid=mid, sender=sender, receipt=bool(receipt))
+    return [acked[mid] for mid in dict.fromkeys(mids) if mid in acked]  # in the ack's order
 
+
+# Mids per ack statement: 2 parameters each, within SQLite's 32,766 (and few distinct
+# statement texts for the statement cache).
+_ACK_CHUNK = 256
 
 # Operations that write with one statement at most (besides _op_enqueue without a cid):
 # they run without a savepoint of their own.

@@ -331,6 +331,21 @@ async def test_ack_returns_each_message_once(any_store: Store) -> None:
     assert await store.ack("bob", [], NOW + 1) == []
 
 
+async def test_ack_of_many_mids_in_their_order(any_store: Store) -> None:
+    """An ack frame may name hundreds of mids (more than one statement's worth),
+    repeats and mids of another recipient among them: each acked once, in the frame's
+    order."""
+    store = any_store
+    mine = [msg(i) for i in range(600)]
+    theirs = msg(900, to="carol")
+    await asyncio.gather(*(store.enqueue(m, 1000) for m in [*mine, theirs]))
+    named = [m.mid for m in reversed(mine)] + [theirs.mid, mine[5].mid, "no-such-mid"]
+    acked = await store.ack("bob", named, NOW + 1)
+    assert [r.mid for r in acked] == [m.mid for m in reversed(mine)]
+    assert await store.count_pending("bob", NOW + 2) == 0
+    assert await store.count_pending("carol", NOW + 2) == 1
+
+
 async def test_receipt_and_sig_round_trip(store: Store) -> None:
     signed = msg(1, receipt=True, sig=bytes(range(64)))
     plain = msg(2)
