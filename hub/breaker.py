@@ -181,7 +181,11 @@ STORE_READS = frozenset({
     "pending_total", "history_before",
 })
 # Timed in store_write_seconds: the group-committed message writes.
-STORE_WRITES = frozenset({"enqueue", "ack", "append_history", "session_start"})
+STORE_WRITES = frozenset({"enqueue", "enqueue_many", "ack", "append_history",
+                          "session_start"})
+# Writes answering each item with its outcome instead of raising: an item answered
+# StoreUnavailable is the call's failure (the others may have been stored).
+STORE_MANY = frozenset({"enqueue_many"})
 # Store calls waiting for a connection slot (GuardedStore) beyond which a call is refused
 # at once (`unavailable`, no breaker verdict): a bound on what a storm can queue.
 MAX_QUEUED = 50_000
@@ -259,6 +263,7 @@ class GuardedStore(_Guard):
     def _guarded(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         breaker, ops, timeout_s = self._breaker, self._ops, self.timeout_s
         read = op in STORE_READS
+        many = op in STORE_MANY
         observe = self._metrics.store_write_seconds.observe if op in STORE_WRITES else None
         keys = {o: (op, o) for o in ("ok", "refused", "error", "timeout", "rejected")}
 
@@ -295,6 +300,12 @@ class GuardedStore(_Guard):
                             f"store unavailable: no answer in {timeout_s} s") from None
                 else:
                     result = await fn(*args, **kwargs)
+                down = next((r for r in result if isinstance(r, StoreUnavailable)),
+                            None) if many else None
+                if down is not None:
+                    outcome = "timeout" if _timed_out(down) else "error"
+                    breaker.failure()
+                    return result
                 outcome = "ok"
                 breaker.success()
                 return result

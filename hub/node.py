@@ -32,12 +32,13 @@ from openred.hub.meta import direct_msg, history_item, topic_msg
 from openred.hub.metrics import Metrics
 from openred.hub.presence_watch import WATCHED_COMMAND, PresenceWatch
 from openred.hub.resync import RESYNC_COMMAND, Resyncs
-from openred.hub.session import ACTIVE, CLOSED, Session
+from openred.hub.session import ACTIVE, CLOSED, Q1Send, Session
 from openred.hub.tokens import TokenVerifier
 from openred.hub.topic_order import TopicOrder
 from openred.hub.tracing import Tracing
 from openred.hub.transport import OPEN, Connection
 from openred.persistence.store import (
+    EnqueueArgs,
     HistoryEntry,
     QueueFull,
     Store,
@@ -281,75 +282,100 @@ class HubNode:
             if f.id is not None:
                 session.reply_error(f.id, E.NO_ROUTE, "node is offline")
 
-    async def send_q1(self, session: Session, f: Send, mid: str, ts: int,
-                      prev: asyncio.Future[Any] | None, routed: asyncio.Future[None]
-                      ) -> None:
-        """A QoS 1 direct message (§5): stored before `ok`, then delivered behind the
-        sender's earlier messages (`prev`, their `routed`). `routed` is resolved once
-        this one is delivered or refused, whatever happens to the sender's session."""
-        delivery: asyncio.Task[None] | None = None
+    async def send_q1(self, session: Session, items: list[Q1Send]) -> None:
+        """QoS 1 direct messages (§5) of one read, (send, mid, ts, prev, routed) each,
+        stored with one store call (they share a group commit), each `ok`'d once
+        stored, then delivered behind the sender's earlier messages (`prev`, their
+        `routed`). Each `routed` is resolved once its message is delivered or refused,
+        whatever happens to the sender's session."""
+        handed: set[int] = set()  # indexes whose `routed` a delivery task resolves
+        deliveries: list[asyncio.Task[None]] = []
         try:
-            stored = await self._store_q1(session, f, mid, ts)
-            if stored is None:
-                return
-            if stored != mid:
-                # §4.2: a repeat of a remembered cid gets the first's ok again, with its
-                # mid; it is neither stored nor delivered again.
-                session.reply_ok(f.id, mid=stored, status="stored", dup=True)
-                return
-            # §5: a hint the broker cannot carry now is durable before the ok, too.
-            await self.resyncs.before_ok(f.to, mid)
-            session.reply_ok(f.id, mid=mid, status="stored")  # §5: stored before ok
-            frame = direct_msg(mid, session.node_id, f.body, ts, 1, f.sig, f.meta)
-            target = self.local.get(f.to)
-            if target is not None and (prev is None or prev.done()):
-                # The common case, done here: nothing earlier of this sender's is still
-                # on its way and the recipient is on this instance, so the push cannot
-                # wait nor be cut off (no task, no shield per message).
-                self.metrics.routed["local"] += 1
-                target.push_q1(mid, frame)
-                routed.set_result(None)
-                return
-            # Accepted: from here on the delivery is the hub's, not the sender session's:
-            # a task of the hub's own, so that the sender going away (its tasks
-            # cancelled) does not keep an online recipient from a message it was told
-            # is stored.
-            delivery = self.background(self._deliver_in_order(f.to, mid, frame, prev, routed))
-            await asyncio.shield(delivery)
+            stored = await self._store_q1(session, items)
+            for i, ((f, mid, ts, prev, routed), first) in enumerate(zip(items, stored,
+                                                                       strict=True)):
+                if isinstance(first, tuple):  # refused: (code, text), answered in order
+                    session.reply_error(f.id, *first)
+                    routed.set_result(None)
+                    continue
+                if first != mid:
+                    # §4.2: a repeat of a remembered cid gets the first's ok again, with
+                    # its mid; it is neither stored nor delivered again.
+                    session.reply_ok(f.id, mid=first, status="stored", dup=True)
+                    routed.set_result(None)
+                    continue
+                # §5: a hint the broker cannot carry now is durable before the ok, too.
+                await self.resyncs.before_ok(f.to, mid)
+                session.reply_ok(f.id, mid=mid, status="stored")  # §5: stored before ok
+                frame = direct_msg(mid, session.node_id, f.body, ts, 1, f.sig, f.meta)
+                target = self.local.get(f.to)
+                if target is not None and (prev is None or prev.done()):
+                    # The common case, done here: nothing earlier of this sender's is
+                    # still on its way and the recipient is on this instance, so the
+                    # push cannot wait nor be cut off (no task, no shield per message).
+                    self.metrics.routed["local"] += 1
+                    target.push_q1(mid, frame)
+                    routed.set_result(None)
+                    continue
+                # Accepted: from here on the delivery is the hub's, not the sender
+                # session's: a task of the hub's own, so that the sender going away (its
+                # tasks cancelled) does not keep an online recipient from a message it
+                # was told is stored.
+                handed.add(i)
+                deliveries.append(self.background(
+                    self._deliver_in_order(f.to, mid, frame, prev, routed)))
+            for delivery in deliveries:
+                await asyncio.shield(delivery)
         finally:
-            if delivery is None and not routed.done():
-                routed.set_result(None)  # refused (or cancelled): later ones need not wait
+            for i, item in enumerate(items):
+                routed = item[4]
+                if i not in handed and not routed.done():
+                    routed.set_result(None)  # refused (or cancelled): later ones need not wait
 
-    async def _store_q1(self, session: Session, f: Send, mid: str, ts: int) -> str | None:
-        """Store a QoS 1 message; the mid it is stored under (`mid`, or the first's for a
-        repeated cid, §4.2), or None (the error answered) when it is refused."""
+    async def _store_q1(self, session: Session, items: list[Q1Send]
+                        ) -> list[str | tuple[str, str]]:
+        """Store QoS 1 messages; for each, the mid it is stored under (its own, or the
+        first's for a repeated cid, §4.2), or the error to answer (code, text)."""
         store = self.store
+        unavailable = (E.UNAVAILABLE, "store unavailable")
+        out: list[str | tuple[str, str]] = [unavailable] * len(items)
+        todo: list[int] = []  # indexes sent to the store
+        args: list[EnqueueArgs] = []
+        max_pending = self.cfg.limits.max_pending_per_node
+        registered: dict[str, bool] = {}  # allowlist mode: recipient -> registered
         try:
-            if self.allowlist:
-                rec = await store.get_node(f.to)
-                if rec is None or not rec.registered:
-                    session.reply_error(f.id, E.NO_ROUTE, "node is not registered")
-                    return None
-            ttl = f.ttl if f.ttl is not None else self.message_ttl_s
-            msg = StoredMessage(mid, session.node_id, f.to, f.body, ts, ts + ttl * 1000,
-                                f.sig, f.receipt, f.meta)
+            for i, (f, mid, ts, _, _) in enumerate(items):
+                if self.allowlist:
+                    if f.to not in registered:
+                        rec = await store.get_node(f.to)
+                        registered[f.to] = rec is not None and rec.registered
+                    if not registered[f.to]:
+                        out[i] = (E.NO_ROUTE, "node is not registered")
+                        continue
+                ttl = f.ttl if f.ttl is not None else self.message_ttl_s
+                msg = StoredMessage(mid, session.node_id, f.to, f.body, ts, ts + ttl * 1000,
+                                    f.sig, f.receipt, f.meta)
+                todo.append(i)
+                # §4.2: the cid is remembered in the transaction that stores the message;
+                # a repeat queued behind its first (same batch, or one being committed by
+                # another instance) gets the first's outcome.
+                args.append((msg, max_pending, f.cid, self.dedup_window_ms))
             # Timed (store_write_seconds, failures too) by the store's guard: hub/breaker.py.
-            # §4.2: the cid is remembered in the transaction that stores the message; a
-            # repeat queued behind its first (same batch, or one being committed by
-            # another instance) gets the first's outcome.
-            first = await store.enqueue(msg, self.cfg.limits.max_pending_per_node,
-                                        cid=f.cid, dedup_window_ms=self.dedup_window_ms)
-            return mid if first is None else first
-        except QueueFull:
-            session.reply_error(f.id, E.QUEUE_FULL, "recipient queue is full")
-            return None
-        except StoreUnavailable:
-            session.reply_error(f.id, E.UNAVAILABLE, "store unavailable")
-            return None
-        except StoreError:  # refused for this message alone (e.g. a duplicate mid)
-            log.exception("qos 1 store write refused", extra={"event": "store_refused"})
-            session.reply_error(f.id, E.INTERNAL, "message not stored")
-            return None
+            outcomes = await store.enqueue_many(args) if args else []
+        except StoreUnavailable:  # the whole call (breaker open, an allowlist read)
+            return out  # unavailable, but where the allowlist refused already
+        for i, outcome in zip(todo, outcomes, strict=True):
+            if outcome is None or isinstance(outcome, str):
+                out[i] = items[i][1] if outcome is None else outcome
+            elif isinstance(outcome, QueueFull):
+                out[i] = (E.QUEUE_FULL, "recipient queue is full")
+            elif isinstance(outcome, StoreUnavailable):
+                out[i] = unavailable
+            else:  # refused for this message alone (e.g. a duplicate mid)
+                log.error("qos 1 store write refused", exc_info=outcome,
+                          extra={"event": "store_refused"})
+                out[i] = (E.INTERNAL, "message not stored")
+        return out
 
     async def _deliver_in_order(self, node_id: str, mid: str, frame: bytes,
                                 prev: asyncio.Future[Any] | None,

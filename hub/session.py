@@ -73,6 +73,10 @@ class State(enum.IntEnum):
 
 HELLO, AUTH, ACTIVE, CLOSED = State.HELLO, State.AUTH, State.ACTIVE, State.CLOSED
 
+# A QoS 1 send on its way (HubNode.send_q1): the frame, its mid and time, the `routed`
+# future of the sender's previous QoS 1 message (None: none) and its own.
+Q1Send = tuple[Send, str, int, "asyncio.Future[Any] | None", "asyncio.Future[None]"]
+
 
 class _Recovery:
     """Live topic messages held back while a `sub` reads history (§6: no gap, no dup)."""
@@ -88,7 +92,7 @@ class Session:
     # Slots: thousands of idle sessions per process, each without an instance dict.
     __slots__ = (
         "_bucket", "_ctl", "_ctl_task", "_handshake", "_hello_timer", "_inflight",
-        "_inflight_bytes", "_q1_tail", "_read_paused", "_refused", "_refused_since",
+        "_inflight_bytes", "_q1_batch", "_q1_tail", "_read_paused", "_refused", "_refused_since",
         "_tasks", "conn", "hub", "inbox", "ip", "key", "loop", "node_id",
         "registered", "rx_time", "session_id", "state", "topics", "topics_allowed",
     )
@@ -119,6 +123,7 @@ class Session:
         self._read_paused = False
         self._tasks: set[asyncio.Task[Any]] | None = None  # made by the first spawn
         self._q1_tail: asyncio.Future[Any] | None = None
+        self._q1_batch: list[Q1Send] | None = None  # this read's QoS 1 sends
         self._ctl: deque[Callable[[], Coroutine[Any, Any, None]]] | None = None
         self._ctl_task: asyncio.Task[None] | None = None
 
@@ -368,30 +373,33 @@ class Session:
 
     # -- async work, bounded ------------------------------------------------------------
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], nbytes: int = 0) -> asyncio.Task[Any]:
-        """Run `coro` as this session's task; `nbytes`: the body it holds."""
+    def spawn(self, coro: Coroutine[Any, Any, Any], nbytes: int = 0,
+              ops: int = 1) -> asyncio.Task[Any]:
+        """Run `coro` as this session's task; `nbytes`: the bodies it holds, `ops`: the
+        operations it carries (messages of a batch)."""
         task = self.loop.create_task(coro)
         tasks = self._tasks
         if tasks is None:
             tasks = self._tasks = set()
         tasks.add(task)
-        self._work_added(nbytes)
-        task.add_done_callback(partial(self._task_done, nbytes) if nbytes else self._task_done0)
+        self._work_added(nbytes, ops)
+        task.add_done_callback(partial(self._task_done, nbytes, ops) if nbytes or ops != 1
+                               else self._task_done0)
         return task
 
-    def _work_added(self, nbytes: int = 0) -> None:
-        """Count one async operation (task or queued control frame) and the body it
-        holds; past MAX_INFLIGHT or MAX_INFLIGHT_BYTES the socket stops being read, so a
-        client cannot grow them without bound."""
-        self._inflight += 1
+    def _work_added(self, nbytes: int = 0, ops: int = 1) -> None:
+        """Count async operations (a task, a queued control frame, the messages of a
+        batch) and the bodies they hold; past MAX_INFLIGHT or MAX_INFLIGHT_BYTES the
+        socket stops being read, so a client cannot grow them without bound."""
+        self._inflight += ops
         self._inflight_bytes += nbytes
         if not self._read_paused and (self._inflight >= MAX_INFLIGHT
                                       or self._inflight_bytes >= MAX_INFLIGHT_BYTES):
             self._read_paused = True
             self.conn.pause_reading()
 
-    def _work_done(self, nbytes: int = 0) -> None:
-        self._inflight -= 1
+    def _work_done(self, nbytes: int = 0, ops: int = 1) -> None:
+        self._inflight -= ops
         self._inflight_bytes -= nbytes
         if (self._read_paused and self._inflight <= RESUME_INFLIGHT
                 and self._inflight_bytes <= MAX_INFLIGHT_BYTES // 2):
@@ -399,15 +407,15 @@ class Session:
             self.conn.resume_reading()
 
     def _task_done0(self, task: asyncio.Task[Any]) -> None:
-        self._task_done(0, task)
+        self._task_done(0, 1, task)
 
-    def _task_done(self, nbytes: int, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, nbytes: int, ops: int, task: asyncio.Task[Any]) -> None:
         tasks = self._tasks
         if tasks is not None:
             tasks.discard(task)
             if not tasks:
                 self._tasks = None  # an idle session holds no empty set (216 bytes)
-        self._work_done(nbytes)
+        self._work_done(nbytes, ops)
         if not task.cancelled():
             exc = task.exception()
             if exc is not None:
@@ -479,8 +487,31 @@ class Session:
                 hub.route0(self, f, mid, frame)
             return
         routed: asyncio.Future[None] = self.loop.create_future()
-        self.spawn(hub.send_q1(self, f, mid, ts, self._q1_tail, routed), len(f.body))
+        item: Q1Send = (f, mid, ts, self._q1_tail, routed)
         self._q1_tail = routed
+        if f.meta is not None:
+            # A task of its own: the trace context of a traced send (§13) is its task's.
+            self.spawn(hub.send_q1(self, [item]), len(f.body))
+            return
+        batch = self._q1_batch
+        if batch is None:
+            batch = self._q1_batch = []
+        batch.append(item)  # stored with the read's others (flush_q1)
+
+    def flush_q1(self) -> None:
+        """The QoS 1 sends of a read (hub/transport.py calls it once the read is
+        handled): one task and one store call for them (they share a group commit
+        anyway), each counted in flight with its body."""
+        batch = self._q1_batch
+        self._q1_batch = None
+        if not batch:
+            return
+        if self.state is not ACTIVE:  # closed meanwhile: none was accepted
+            for item in batch:
+                item[4].set_result(None)
+            return
+        self.spawn(self.hub.send_q1(self, batch), sum(len(item[0].body) for item in batch),
+                   ops=len(batch))
 
     def push_q1(self, mid: str, frame: bytes) -> None:
         """A live QoS 1 message for this session (already stored)."""

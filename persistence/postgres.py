@@ -75,6 +75,7 @@ from openred.persistence.store import (
     AckResult,
     AuditEvent,
     DeliveredMarks,
+    EnqueueArgs,
     HistoryEntry,
     MessageState,
     NodeRecord,
@@ -1117,6 +1118,25 @@ class PostgresStore:
         first: str | None = await self._submit(_ENQUEUE, (msg, max_pending, cid,
                                                           dedup_window_ms))
         return first
+
+    async def enqueue_many(self, items: list[EnqueueArgs]) -> list[str | StoreError | None]:
+        self._check_writable()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        for msg, max_pending, cid, window_ms in items:
+            try:
+                _check_text(msg.mid, msg.sender, msg.recipient, cid)
+            except StoreError as exc:  # this one alone is refused
+                refused = loop.create_future()
+                refused.set_exception(exc)
+                futures.append(refused)
+                continue
+            futures.append(self._submit(_ENQUEUE, (msg, max_pending, cid, window_ms)))
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
+                raise outcome  # a bug or a cancellation, not a message's outcome
+        return cast(list[str | StoreError | None], outcomes)
 
     async def pending(self, node_id: str, now_ms: int, after_mid: str | None,
                       limit: int) -> list[StoredMessage]:

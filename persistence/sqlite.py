@@ -44,6 +44,7 @@ from openred.persistence.store import (
     AckResult,
     AuditEvent,
     DeliveredMarks,
+    EnqueueArgs,
     HistoryEntry,
     MessageState,
     NodeRecord,
@@ -821,6 +822,14 @@ class SqliteStore:
                       dedup_window_ms: int = 0) -> str | None:
         return await self._call(_op_enqueue, self._counts, msg, max_pending, cid,
                                 dedup_window_ms)
+
+    async def enqueue_many(self, items: list[EnqueueArgs]) -> list[str | StoreError | None]:
+        futures = [self._submit(_op_enqueue, (self._counts, *args)) for args in items]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
+                raise outcome  # a bug or a cancellation, not a message's outcome
+        return cast(list[str | StoreError | None], outcomes)
 
     async def pending(self, node_id: str, now_ms: int, after_mid: str | None,
                       limit: int) -> list[StoredMessage]:

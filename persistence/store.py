@@ -45,6 +45,7 @@ __all__ = [
     "AckResult",
     "AuditEvent",
     "DeliveredMarks",
+    "EnqueueArgs",
     "HistoryEntry",
     "MessageState",
     "NodeRecord",
@@ -60,6 +61,10 @@ __all__ = [
 # Acked rows are kept this long so `message_state` can still answer "acked"; every
 # backend's `purge_expired` deletes them afterwards.
 ACKED_KEEP_MS = 86_400_000
+
+
+# One message for `Store.enqueue_many`: (message, max_pending, cid, dedup_window_ms).
+EnqueueArgs = tuple["StoredMessage", int, "str | None", int]
 
 
 class DeliveredMarks:
@@ -316,6 +321,14 @@ class Store(Protocol):
         first gets the first's outcome (its mid if stored, or is stored itself if the
         first was refused). Across stores sharing a database, a repeat whose first is
         being committed by another waits for that commit."""
+
+    async def enqueue_many(self, items: list[EnqueueArgs]) -> list[str | StoreError | None]:
+        """`enqueue` of each item (message, max_pending, cid, dedup_window_ms), in call
+        order, submitted together so that they share a group commit, with one outcome
+        per item instead of one raise: what `enqueue` returns, or the StoreError it
+        raises (QueueFull, StoreUnavailable, a refused value) for that message alone.
+        The hub stores the QoS 1 sends of one read this way: one call, not one per
+        message."""
 
     async def pending(self, node_id: str, now_ms: int, after_mid: str | None,
                       limit: int) -> list[StoredMessage]:

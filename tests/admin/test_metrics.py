@@ -77,7 +77,7 @@ async def test_every_listed_metric_with_its_type(api: Api) -> None:
                for s in families[P + "store_write_seconds"].samples)
     values = {(s.name, tuple(sorted(s.labels.items()))): s.value
               for fam in families.values() for s in fam.samples}
-    assert values[(P + "store_operations_total", (("op", "enqueue"), ("outcome", "ok")))] >= 1
+    assert values[(P + "store_operations_total", (("op", "enqueue_many"), ("outcome", "ok")))] >= 1
     assert values[(P + "breaker_state", (("backend", "store"), ("state", "closed")))] == 1
     assert values[(P + "backend_up", (("backend", "store"),))] == 1
     assert values[(P + "qos1_pending", ())] >= 0

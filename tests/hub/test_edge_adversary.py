@@ -135,17 +135,18 @@ def qos1_msgs(ev: Any) -> list[dict[str, Any]]:
 
 
 def slow_enqueue(h: Any, monkeypatch: pytest.MonkeyPatch, body: bytes, delay: float) -> None:
-    """Make the store take `delay` s to write the QoS 1 message whose body is `body` (a
-    store under load, a PostgreSQL pool where one write waits for a lock)."""
+    """Make the store take `delay` s to write QoS 1 messages with a message whose body is
+    `body` among them (a store under load, a PostgreSQL pool where one write waits for a
+    lock)."""
     store = h.node.store
-    real = store.enqueue
+    real = store.enqueue_many
 
-    async def enqueue(msg: Any, *a: Any, **k: Any) -> Any:
-        if msg.body == body:
+    async def enqueue_many(items: list[Any]) -> Any:
+        if any(msg.body == body for msg, *_ in items):
             await asyncio.sleep(delay)
-        return await real(msg, *a, **k)
+        return await real(items)
 
-    monkeypatch.setattr(store, "enqueue", enqueue)
+    monkeypatch.setattr(store, "enqueue_many", enqueue_many)
 
 
 # == holes still open ========================================================================
@@ -319,6 +320,36 @@ async def test_qos0_waiting_behind_a_slow_qos1_counts_against_the_inflight_bound
 # -- QoS 1 -----------------------------------------------------------------------------------
 
 
+async def test_qos1_sends_of_one_read_each_get_their_own_answer(make_hub: Any) -> None:
+    """The QoS 1 sends of one read are stored with one store call: a full queue, a
+    repeated cid and another recipient among them still get their own answers, in
+    order, and the store is asked fewer times than there are messages."""
+    h = await make_hub(**{"limits.max_pending_per_node": 3})
+    raw = await Raw.connect(h.ws_port)
+    await login(raw)
+    to, other = Identity.generate().node_id, Identity.generate().node_id
+    frames = [{"t": "send", "id": 1, "to": to, "body": b"1", "qos": 1, "cid": "c1"}]
+    frames += [{"t": "send", "id": i, "to": to, "body": b"%d" % i, "qos": 1}
+               for i in range(2, 6)]
+    frames += [{"t": "send", "id": 6, "to": to, "body": b"1", "qos": 1, "cid": "c1"},
+               {"t": "send", "id": 7, "to": other, "body": b"7", "qos": 1}]
+    calls = h.node.metrics.store_ops
+    before = calls[("enqueue_many", "ok")]
+    raw.send(b"".join(raw.out.message(packed(f)) for f in frames))  # one write
+    got = {}
+    while len(got) < len(frames):
+        f = await raw.frame()
+        got[f["id"]] = f
+    assert [got[i]["t"] for i in range(1, 8)] == ["ok", "ok", "ok", "error", "error", "ok",
+                                                  "ok"]
+    assert {got[i]["code"] for i in (4, 5)} == {"queue_full"}
+    assert got[6]["mid"] == got[1]["mid"] and got[6].get("dup") is True
+    assert got[7]["status"] == "stored"
+    assert list(got) == list(range(1, 8))  # answered in the order sent
+    assert 1 <= calls[("enqueue_many", "ok")] - before <= 2
+    raw.abort()
+
+
 async def test_replay_and_sub_recovery_both_resume_after_waiting_for_room(
         make_hub: Any) -> None:
     """Attack (or just a slow link): a node with 60 stored QoS 1 messages reconnects,
@@ -378,6 +409,8 @@ async def test_stored_qos1_reaches_an_online_recipient_when_its_sender_disconnec
     sender = await RawNode.connect(h)
     await sender.send({"t": "send", "id": 1, "to": recipient.node_id, "body": b"slow",
                        "qos": 1})
+    # Read apart: the sends of one read are stored together, so both would wait.
+    await eventually(lambda: h.node.metrics.frames_in["send"] == 1)
     ok = await sender.request({"t": "send", "id": 2, "to": recipient.node_id,
                                "body": b"accepted", "qos": 1})
     assert ok["status"] == "stored"

@@ -118,6 +118,7 @@ class FakeStore:
         self.delay_s = 0.0
         self.audited: list[str] = []
         self.commits = 7
+        self.fail_item: Any = None  # enqueue_many: the last item's outcome
 
     async def _answer(self) -> int:
         await asyncio.sleep(self.delay_s)
@@ -130,6 +131,10 @@ class FakeStore:
 
     async def count_pending(self, node_id: str, now_ms: int) -> int:
         return await self._answer()
+
+    async def enqueue_many(self, items: list[Any]) -> list[Any]:
+        await self._answer()
+        return [self.fail_item if i == len(items) - 1 else None for i in range(len(items))]
 
     def pool_usage(self) -> tuple[int, int]:
         return 0, 1  # one connection: not gated (as SQLite)
@@ -190,6 +195,24 @@ async def test_guarded_store_counts_outcomes_and_fails_fast_when_open() -> None:
     assert await store.brand_new_method(1) == 2  # unknown methods are guarded too: a probe
     assert b.state is CLOSED
     assert m.store_ops[("brand_new_method", "ok")] == 1
+
+
+async def test_an_item_answered_unavailable_is_the_calls_failure() -> None:
+    """enqueue_many answers each message: one answered StoreUnavailable (the others may
+    be stored) counts against the breaker like a raised one."""
+    m = metrics()
+    inner = FakeStore()
+    b = breaker(Clock())
+    store: Any = GuardedStore(cast(Any, inner), b, m, timeout_s=0.05)
+    assert await store.enqueue_many([1, 2]) == [None, None]
+    inner.fail_item = QueueFull("full")  # the store answered: no failure
+    assert isinstance((await store.enqueue_many([1]))[0], QueueFull)
+    inner.fail_item = StoreUnavailable("down")
+    for _ in range(3):  # the helper's threshold
+        outcomes = await store.enqueue_many([1, 2])
+        assert outcomes[0] is None and isinstance(outcomes[1], StoreUnavailable)
+    assert dict(m.store_ops) == {("enqueue_many", "ok"): 2, ("enqueue_many", "error"): 3}
+    assert b.state is OPEN
 
 
 class FakeBroker:

@@ -111,9 +111,9 @@ async def test_black_holed_store_fails_fast_and_loses_nothing_accepted(
         assert shown_s < 15
         assert sample(families, "openred_hub_breaker_state", backend="store",
                       state="closed") == 0
-        assert sample(families, "openred_hub_store_operations", op="enqueue",
+        assert sample(families, "openred_hub_store_operations", op="enqueue_many",
                       outcome="timeout") > 0
-        assert sample(families, "openred_hub_store_operations", op="enqueue",
+        assert sample(families, "openred_hub_store_operations", op="enqueue_many",
                       outcome="rejected") > 0
         assert sample(families, "openred_hub_error_frames", code="unavailable") > 0
 

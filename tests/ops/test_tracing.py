@@ -305,7 +305,7 @@ async def test_one_trace_across_instances_and_store_and_forward(
 
     async def complete() -> bool:
         names = {(s.name, s.instance) for s in collector.trace(A_TRACE)}
-        return {("send", one), ("enqueue", one), ("broker publish", one), ("deliver", two),
+        return {("send", one), ("enqueue_many", one), ("broker publish", one), ("deliver", two),
                 ("ack", two)} <= names
 
     await eventually(complete, wait=15, what="the trace at the collector")
@@ -314,10 +314,10 @@ async def test_one_trace_across_instances_and_store_and_forward(
     assert send.parent == A_SPAN  # the node's context is the parent (§13)
     assert send.attributes["messaging.destination.name"] == b_id.node_id
     assert send.attributes["openred.qos"] == 1
-    enqueue = _one(spans, "enqueue", one)
+    enqueue = _one(spans, "enqueue_many", one)
     assert enqueue.parent == send.span_id
     assert enqueue.attributes["db.system"] == "postgresql"
-    assert enqueue.attributes["db.operation.name"] == "enqueue"
+    assert enqueue.attributes["db.operation.name"] == "enqueue_many"
     hop = _one(spans, "broker publish", one)
     assert hop.parent == send.span_id and hop.attributes["openred.routed"] is False
     deliver = _one(spans, "deliver", two)
