@@ -496,12 +496,14 @@ class Session:
         batch = self._q1_batch
         if batch is None:
             batch = self._q1_batch = []
+            # Runs once this read is handled (the loop's next callbacks): nothing to do
+            # per read for reads without QoS 1 sends.
+            self.loop.call_soon(self.flush_q1)
         batch.append(item)  # stored with the read's others (flush_q1)
 
     def flush_q1(self) -> None:
-        """The QoS 1 sends of a read (hub/transport.py calls it once the read is
-        handled): one task and one store call for them (they share a group commit
-        anyway), each counted in flight with its body."""
+        """The QoS 1 sends of a read, all read: one task and one store call for them
+        (they share a group commit anyway), each counted in flight with its body."""
         batch = self._q1_batch
         self._q1_batch = None
         if not batch:

@@ -142,7 +142,6 @@ class Connection(asyncio.Protocol):
                             on_message(ev)
                     else:
                         self._control(ev)
-                session.flush_q1()  # the read's QoS 1 sends, together
         elif self.phase is UPGRADE:
             self._upgrade_data(data)
         # else: a closing connection; what it sends is dropped.
