@@ -230,14 +230,16 @@ def _op_node_seen(conn: sqlite3.Connection, node_id: str, key: bytes | None,
     )
 
 
-def _op_session_start(conn: sqlite3.Connection, counts: PendingCounts, node_id: str,
-                      key: bytes | None, meta_json: str | None, now_ms: int,
+def _op_session_start(conn: sqlite3.Connection, node_id: str, key: bytes | None,
+                      meta_json: str | None, now_ms: int,
                       registered_only: bool) -> tuple[NodeRecord | None, int]:
     rec = _op_get_node(conn, node_id)
     banned = rec is not None and rec.banned
     if not banned and not (registered_only and (rec is None or not rec.registered)):
         _op_node_seen(conn, node_id, key, meta_json, now_ms)
-    return rec, counts.count(conn, node_id, now_ms)
+    # Counted, not kept in `counts`: an entry per connected node would cost every idle
+    # session ~130 bytes (bench idle) for a count only enqueues need.
+    return rec, _op_count_pending(conn, node_id, now_ms)
 
 
 def _op_put_node(conn: sqlite3.Connection, node_id: str, meta_json: str, key: bytes | None,
@@ -788,8 +790,8 @@ class SqliteStore:
                             meta: dict[str, Any] | None, now_ms: int, *,
                             registered_only: bool = False) -> tuple[NodeRecord | None, int]:
         meta_json = None if meta is None else _dumps(meta)
-        return await self._call(_op_session_start, self._counts, node_id, key, meta_json,
-                                now_ms, registered_only)
+        return await self._call(_op_session_start, node_id, key, meta_json, now_ms,
+                                registered_only)
 
     async def put_node(self, node_id: str, meta: dict[str, Any], key: bytes | None,
                        now_ms: int) -> tuple[NodeRecord, bool]:
