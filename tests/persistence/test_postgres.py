@@ -342,6 +342,35 @@ async def test_queue_bound_sees_other_instances(pg_factory: PostgresFactory) -> 
         await two.close()
 
 
+async def test_session_starts_of_two_instances_on_the_same_nodes(pg_factory: PostgresFactory
+                                                                    ) -> None:
+    """Two instances' batches of session starts that share nodes, called in opposite
+    orders, new and known nodes mixed, at once: every call is answered (a deadlock or a
+    unique violation would fail a whole batch) and every node ends seen. (Removing the
+    id order of the locks did not make this deadlock here: the locking scan returns
+    rows in index order anyway; the order is kept so that no plan can change that.)"""
+    one = pg_factory.make_pg()
+    two = pg_factory.make_pg()
+    await one.open()
+    await two.open()
+    try:
+        ids = [f"node-{i:03d}" for i in range(300)]
+        for node in ids[::2]:  # half known already
+            await one.node_seen(node, None, None, NOW)
+        for rnd in range(3):
+            results = await asyncio.gather(
+                *(one.session_start(n, None, None, NOW + 10 + rnd) for n in ids),
+                *(two.session_start(n, None, {"r": rnd}, NOW + 10 + rnd)
+                  for n in reversed(ids)))
+            assert len(results) == 2 * len(ids)
+        for node in ids:
+            rec = await one.get_node(node)
+            assert rec is not None and rec.last_seen == NOW + 12 and rec.meta == {"r": 2}
+    finally:
+        await one.close()
+        await two.close()
+
+
 # -- outages -------------------------------------------------------------------------------------
 
 
