@@ -624,6 +624,29 @@ async def test_reading_pause_and_resume_pair_up_under_inflight_pressure(
     raw.abort()
 
 
+async def test_qos1_sends_stored_together_still_count_one_by_one_in_flight(
+        make_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: 1,100 QoS 1 sends in one read while the store is slow. They are stored
+    with one call and one task, but each counts against MAX_INFLIGHT (1,024): the hub
+    stops reading until they are stored, then answers all of them."""
+    h = await make_hub(**{"limits.msgs_per_s": 100_000, "limits.burst": 100_000})
+    slow_enqueue(h, monkeypatch, b"s", 1.0)
+    raw = await Raw.connect(h.ws_port)
+    await login(raw)
+    conn = hub_side(h, raw)
+    to = Identity.generate().node_id
+    n = 1100
+    sends = [{"t": "send", "id": i, "to": to, "body": b"s", "qos": 1} for i in range(n)]
+    raw.send(raw.out.message(packed(sends)))  # type: ignore[arg-type]
+    await eventually(lambda: conn.session._read_paused)  # while the store is slow
+    oks = 0
+    while oks < n:
+        v = msgpack.unpackb(await raw.event(10), raw=False)
+        oks += sum(1 for f in (v if isinstance(v, list) else [v]) if f.get("t") == "ok")
+    await eventually(lambda: not conn.session._read_paused)
+    raw.abort()
+
+
 async def test_deflate_bomb_and_corrupt_deflate_fail_cleanly(make_hub: Any) -> None:
     """With permessage-deflate, a 10 MiB message of zeros (10 kB compressed) fails with
     1009 while inflating, and bytes that are not deflate fail with 1002; nothing
