@@ -20,6 +20,7 @@ import pytest
 from openred.hub.broker import Broker, MemoryBroker
 
 from tests.conftest import timeout
+from tests.ports import free_port
 from tests.services import missing, need_redis
 
 KINDS = ["memory", "redis", "redis-cluster"]
@@ -93,14 +94,12 @@ class Brokers:
 
 
 def _free_ports(n: int) -> list[int]:
-    """n free ports whose cluster bus ports (+10000) are free too."""
+    """n free ports (tests/ports.py) whose cluster bus ports (+10000) are free too."""
     import socket
 
     ports: list[int] = []
     while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = int(s.getsockname()[1])
+        p = free_port()
         if p + 10000 > 65535 or p in ports:
             continue
         try:

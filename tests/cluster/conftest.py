@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,47 +37,12 @@ import pytest
 
 from tests.broker.conftest import redis_cluster  # noqa: F401 (a fixture for these tests)
 from tests.conftest import timeout
+from tests.ports import free_port
 from tests.services import missing, need_pg, need_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 ADMIN_TOKEN = "tok"
-
-
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-_EPHEMERAL_LOW = _ephemeral_low()
-_handed: set[int] = set()
-
-
-def free_port() -> int:
-    """A free port for a server started later, and started again on it after a kill:
-    below the kernel's ephemeral range, where the test's own outgoing connections (to
-    Redis, PostgreSQL, the hubs) take their source ports, so none of them takes it in the
-    meantime (a hub once failed to start on a port an outgoing connection held). Each
-    port is handed out once per test run."""
-    low = 10_000
-    if _EPHEMERAL_LOW - low > 1000:
-        for _ in range(200):
-            port = random.randrange(low, _EPHEMERAL_LOW)
-            if port in _handed:
-                continue
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _handed.add(port)
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], wait: float = 5.0,

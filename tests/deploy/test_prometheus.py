@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,7 @@ from tests.conftest import timeout
 from tests.deploy.test_validators import DEPLOY, tool
 from tests.hub.conftest import loop_guard, make_hub  # noqa: F401  (fixtures)
 from tests.hub.nodes import RawNode
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.ports import free_port
 
 
 async def api(http: aiohttp.ClientSession, base: str, path: str) -> Any:

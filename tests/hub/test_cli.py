@@ -7,7 +7,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import timeout
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "c" * 40
@@ -131,12 +131,6 @@ def test_migrate(tmp_path):
     assert (tmp_path / "m.db").is_file()
     again = run(tmp_path, "migrate", OPENRED_HUB_STORE_URL="sqlite:///m.db")
     assert again.returncode == 0, again.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def healthz(port: int) -> int:

@@ -7,7 +7,6 @@ Every test runs on the real server of `need_pg()` in its own schema (`pg_factory
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from openred.persistence.store import (
 
 from tests.conftest import timeout
 from tests.persistence.conftest import PostgresFactory, with_schema
+from tests.ports import free_port
 
 NOW = 1_700_000_000_000  # ms: 2023-11-14 22:13:20 UTC
 DAY_MS = 86_400_000
@@ -374,16 +374,10 @@ async def test_session_starts_of_two_instances_on_the_same_nodes(pg_factory: Pos
 # -- outages -------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_unreachable_server_fails_fast(pg_factory: PostgresFactory) -> None:
     parts = urlsplit(pg_factory.dsn)
     user = f"{parts.username}@" if parts.username else ""
-    dead = urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{_free_port()}"))
+    dead = urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{free_port()}"))
     store = PostgresStore(dead)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="postgresql unavailable"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,7 @@ from openred.persistence.postgres import PostgresStore
 from openred.persistence.store import HistoryEntry, StoredMessage
 
 from tests.conftest import timeout
+from tests.ports import free_port
 from tests.services import missing
 
 pytestmark = pytest.mark.slow
@@ -48,12 +48,6 @@ def _pg_bin() -> Path | None:
         if all((path / tool).exists() for tool in ("initdb", "pg_ctl", "pg_basebackup")):
             return path
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -99,8 +93,8 @@ def pair() -> Iterator[Pair]:
     base = Path(tempfile.mkdtemp(prefix="openred-replica-"))
     if user is not None:
         shutil.chown(base, user)
-    primary = Server(pg_bin, base / "primary", _free_port(), user)
-    replica = Server(pg_bin, base / "replica", _free_port(), user)
+    primary = Server(pg_bin, base / "primary", free_port(), user)
+    replica = Server(pg_bin, base / "replica", free_port(), user)
     try:
         primary.run(pg_bin / "initdb", "-D", primary.data, "-A", "trust", "-U", "postgres",
                     "--no-sync")
