@@ -308,13 +308,10 @@ class HubNode:
                 await self.resyncs.before_ok(f.to, mid)
                 session.reply_ok(f.id, mid=mid, status="stored")  # §5: stored before ok
                 frame = direct_msg(mid, session.node_id, f.body, ts, 1, f.sig, f.meta)
-                target = self.local.get(f.to)
-                if target is not None and (prev is None or prev.done()):
+                if (prev is None or prev.done()) and self._push_local(f.to, mid, frame):
                     # The common case, done here: nothing earlier of this sender's is
                     # still on its way and the recipient is on this instance, so the
                     # push cannot wait nor be cut off (no task, no shield per message).
-                    self.metrics.routed["local"] += 1
-                    target.push_q1(mid, frame)
                     routed.set_result(None)
                     continue
                 # Accepted: from here on the delivery is the hub's, not the sender
@@ -395,13 +392,19 @@ class HubNode:
         self.metrics.routed["remote" if ok else "dropped"] += 1
         return ok
 
+    def _push_local(self, node_id: str, mid: str, frame: bytes) -> bool:
+        """A stored QoS 1 message to a recipient on this instance; False: not here."""
+        target = self.local.get(node_id)
+        if target is None:
+            return False
+        self.metrics.routed["local"] += 1
+        target.push_q1(mid, frame)
+        return True
+
     async def deliver_q1(self, node_id: str, mid: str, frame: bytes) -> None:
         """A stored QoS 1 message: push it to the recipient's session wherever it is;
         if none, it waits in the store for the next session."""
-        target = self.local.get(node_id)
-        if target is not None:
-            self.metrics.routed["local"] += 1
-            target.push_q1(mid, frame)
+        if self._push_local(node_id, mid, frame):
             return
         if self.clustered:
             if self.resyncs.unreached(node_id):

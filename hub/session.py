@@ -489,7 +489,7 @@ class Session:
         routed: asyncio.Future[None] = self.loop.create_future()
         item: Q1Send = (f, mid, ts, self._q1_tail, routed)
         self._q1_tail = routed
-        if f.meta is not None:
+        if f.meta is not None and hub.tracing is not None:
             # A task of its own: the trace context of a traced send (§13) is its task's.
             self.spawn(hub.send_q1(self, [item]), len(f.body))
             return

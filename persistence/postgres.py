@@ -85,6 +85,7 @@ from openred.persistence.store import (
     StoreError,
     StoreUnavailable,
     Undelivered,
+    outcomes_of,
 )
 
 __all__ = ["PostgresStore", "parse_postgres_url"]
@@ -1132,11 +1133,7 @@ class PostgresStore:
                 futures.append(refused)
                 continue
             futures.append(self._submit(_ENQUEUE, (msg, max_pending, cid, window_ms)))
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
-                raise outcome  # a bug or a cancellation, not a message's outcome
-        return cast(list[str | StoreError | None], outcomes)
+        return await outcomes_of(futures)
 
     async def pending(self, node_id: str, now_ms: int, after_mid: str | None,
                       limit: int) -> list[StoredMessage]:

@@ -54,6 +54,7 @@ from openred.persistence.store import (
     StoreError,
     StoreUnavailable,
     Undelivered,
+    outcomes_of,
 )
 
 __all__ = ["SqliteStore", "parse_sqlite_url"]
@@ -826,12 +827,8 @@ class SqliteStore:
                                 dedup_window_ms)
 
     async def enqueue_many(self, items: list[EnqueueArgs]) -> list[str | StoreError | None]:
-        futures = [self._submit(_op_enqueue, (self._counts, *args)) for args in items]
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
-                raise outcome  # a bug or a cancellation, not a message's outcome
-        return cast(list[str | StoreError | None], outcomes)
+        return await outcomes_of([self._submit(_op_enqueue, (self._counts, *args))
+                                  for args in items])
 
     async def pending(self, node_id: str, now_ms: int, after_mid: str | None,
                       limit: int) -> list[StoredMessage]:
@@ -1121,33 +1118,26 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for item in items:
-                if item.fn in _ONE_WRITE or (item.fn is _op_enqueue and item.args[3] is None):
-                    # One statement writes: SQLite undoes a failed statement by itself,
-                    # so the savepoint's two statements per item are not needed.
-                    try:
-                        value = item.fn(conn, *item.args)
-                    except Exception as exc:
-                        if _is_batch_error(exc):
-                            raise
-                        if not isinstance(exc, QueueFull):
-                            self._counts.clear()
-                        outcomes.append((item, None, _item_error(exc)))
-                    else:
-                        outcomes.append((item, value, None))
-                    continue
-                conn.execute("SAVEPOINT op")
+                # A savepoint per item that writes more than one statement; SQLite
+                # undoes a failed single statement by itself.
+                savepoint = not (item.fn in _ONE_WRITE
+                                 or (item.fn is _op_enqueue and item.args[3] is None))
+                if savepoint:
+                    conn.execute("SAVEPOINT op")
                 try:
                     value = item.fn(conn, *item.args)
                 except Exception as exc:
                     if _is_batch_error(exc):
                         raise
-                    conn.execute("ROLLBACK TO op")
+                    if savepoint:
+                        conn.execute("ROLLBACK TO op")
                     if not isinstance(exc, QueueFull):  # QueueFull changed nothing
                         self._counts.clear()
                     outcomes.append((item, None, _item_error(exc)))
                 else:
                     outcomes.append((item, value, None))
-                conn.execute("RELEASE op")
+                if savepoint:
+                    conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(conn)

@@ -36,6 +36,7 @@ Guarantees every implementation gives:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,6 +57,7 @@ __all__ = [
     "StoreUnavailable",
     "StoredMessage",
     "Undelivered",
+    "outcomes_of",
 ]
 
 # Acked rows are kept this long so `message_state` can still answer "acked"; every
@@ -65,6 +67,16 @@ ACKED_KEEP_MS = 86_400_000
 
 # One message for `Store.enqueue_many`: (message, max_pending, cid, dedup_window_ms).
 EnqueueArgs = tuple["StoredMessage", int, "str | None", int]
+
+
+async def outcomes_of(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """Each future's result, or the StoreError it failed with (`enqueue_many`); any
+    other exception (a bug, a cancellation) is raised."""
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
+            raise outcome
+    return outcomes
 
 
 class DeliveredMarks:
@@ -347,7 +359,9 @@ class Store(Protocol):
 
     def mark_delivered_nowait(self, mids: list[str], now_ms: int) -> None:
         """Record that these messages were written to the recipient (state
-        `delivered`). Best effort, batched with the next commit; never raises."""
+        `delivered`). Best effort, never raises; held up to `DeliveredMarks.hold_s` so
+        that the ack writes it, else written with a later commit (`message_state` of
+        this store sees it at once)."""
 
     async def ack(self, node_id: str, mids: list[str], now_ms: int) -> list[AckResult]:
         """Ack the listed messages that are addressed to `node_id` and not acked yet;
