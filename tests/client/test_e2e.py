@@ -207,6 +207,25 @@ async def test_request_without_handler_and_manual_reply(hub: Any) -> None:
             await caller.request(server.node_id, b"again", timeout_s=0.3)
 
 
+async def test_a_late_reply_is_dropped_not_queued(hub: Any) -> None:
+    """A reply after its request gave up is not put in the inbox: a client that only
+    makes requests never reads it, and a full inbox stops the reading (§7)."""
+    async with node(hub) as server, node(hub) as caller:
+        assert server.node_id is not None and caller.node_id is not None
+
+        async def first(client: Any) -> Any:
+            async for msg in client:
+                return msg
+
+        with pytest.raises(RequestTimeout):
+            await caller.request(server.node_id, b"slow", timeout_s=0.3)
+        request = await asyncio.wait_for(first(server), timeout(5))
+        await server.reply(request, b"late")
+        await server.send(caller.node_id, b"plain")
+        got = await asyncio.wait_for(first(caller), timeout(5))
+        assert (got.body, got.reply_to) == (b"plain", None)
+
+
 # -- §5.1 / §5.2 / §6.1 --------------------------------------------------------------
 
 

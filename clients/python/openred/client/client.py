@@ -1757,14 +1757,20 @@ class Client:
             return  # a topic no longer held (unsubscribed while in flight)
         re_id = msg.reply_to
         if re_id is not None:
+            # §4.3: a reply is consumed by request(), acked here, never queued: one that
+            # comes after its request gave up (or names no request of ours) would sit
+            # in the inbox, unread by a client that only makes requests, until the SDK
+            # stops reading and the hub cuts the session (§7).
             waiting = self._requests.get(re_id)
             if waiting is not None and waiting[0] == msg.sender:
-                # §4.3: consumed by request(); acked here, nobody else sees it.
                 if not waiting[1].done():
                     waiting[1].set_result(msg)
-                if msg.qos == 1:
-                    self._spawn(msg.ack(), "openred-client-ack")
-                return
+            else:
+                log.debug("reply to no open request dropped",
+                          extra={"re": re_id, "from": msg.sender})
+            if msg.qos == 1:
+                self._spawn(msg.ack(), "openred-client-ack")
+            return
         handler = self._on_request
         if handler is not None and msg.request_id is not None:
             if len(self._aux) < _MAX_REQUEST_HANDLERS:
