@@ -104,6 +104,12 @@ export interface ClientOptions {
   requestTimeoutMs?: number;
   /** How many recent direct mids are remembered to drop repeats (§4). */
   recentMids?: number;
+  /**
+   * Received messages waiting to be read, per queue (the client's, each subscription).
+   * A page cannot pause its WebSocket, so past it the oldest is dropped; a dropped QoS 1
+   * message is not acked and comes again at the next session. Default 10,000.
+   */
+  maxQueue?: number;
   /** At most this many unconfirmed QoS 1 sends (`OutboxFull` past it). */
   outboxMax?: number;
   /**
@@ -281,7 +287,7 @@ export class Client implements AsyncIterable<Message> {
   /** §12: public keys of token nodes, by node id. */
   readonly keys: Record<string, Uint8Array>;
   readonly groupKeys: GroupKeys;
-  #o: Required<Pick<ClientOptions, "autoAck" | "reconnect" | "backoffMinMs" | "backoffMaxMs" | "connectTimeoutMs" | "openTimeoutMs" | "requestTimeoutMs" | "recentMids" | "outboxMax" | "sign" | "encrypt">> & ClientOptions;
+  #o: Required<Pick<ClientOptions, "autoAck" | "reconnect" | "backoffMinMs" | "backoffMaxMs" | "connectTimeoutMs" | "openTimeoutMs" | "requestTimeoutMs" | "recentMids" | "maxQueue" | "outboxMax" | "sign" | "encrypt">> & ClientOptions;
   #state: State = "idle";
   #conn: Conn | null = null; // open, welcomed, resumed: where requests go
   #live: Conn | null = null; // open and welcomed (maybe still resuming): where acks go
@@ -305,7 +311,7 @@ export class Client implements AsyncIterable<Message> {
   #outboxStore: OutboxStorage | undefined;
   #journaled: Promise<void> = Promise.resolve();
   #delivering = false;
-  #inbox = new Stream<Message>();
+  #inbox: Stream<Message>;
   #attempt = 0;
   #prevShortClose: number | undefined;
   #reconnectTimer: ReturnType<typeof setTimeout> | null = null;
@@ -324,6 +330,7 @@ export class Client implements AsyncIterable<Message> {
       openTimeoutMs: 10_000,
       requestTimeoutMs: 10_000,
       recentMids: 10_000,
+      maxQueue: 10_000,
       outboxMax: 10_000,
       sign: false,
       encrypt: false,
@@ -336,7 +343,13 @@ export class Client implements AsyncIterable<Message> {
     this.groupKeys = opts.groupKeys ?? new GroupKeys();
     this.#handler = opts.onRequest ?? null;
     if (opts.outboxFile !== undefined) this.#outboxStore = outboxStorage(opts.outboxFile);
+    this.#inbox = new Stream(this.#o.maxQueue);
     this.#inbox.onTake = (m) => this.#autoAck(m);
+    this.#inbox.onDrop = (m) => {
+      // not acked: forgotten, so that its redelivery is taken again
+      this.#unacked.delete(m.mid);
+      this.#recent.delete(m.mid);
+    };
   }
 
   // -- state ------------------------------------------------------------------------
@@ -661,7 +674,7 @@ export class Client implements AsyncIterable<Message> {
     const recovered = typeof r.recovered === "boolean" ? r.recovered : undefined;
     let st = this.#topics.get(topic);
     if (!st) {
-      const sub = new Subscription(topic, seq, recovered, (t) => this.unsubscribe(t));
+      const sub = new Subscription(topic, seq, recovered, (t) => this.unsubscribe(t), this.#o.maxQueue);
       sub.onTake = (m) => m instanceof Message && this.#autoAck(m);
       this.#topics.set(topic, (st = new TopicState(since ?? seq, sub)));
     } else {
@@ -1348,11 +1361,15 @@ export class Client implements AsyncIterable<Message> {
     const msg = await this.#messageOf(f, true);
     if (msg.qos === 1) this.#unacked.add(mid);
     const re = msg.replyTo;
-    const waiting = re !== undefined ? this.#replies.get(re) : undefined;
-    if (waiting && waiting.from === msg.sender) {
-      this.#replies.delete(re!);
+    if (re !== undefined) {
+      // §4.3: a reply is consumed by request(), never queued: one that comes after its
+      // request gave up (or names none of ours) is acked and dropped.
+      const waiting = this.#replies.get(re);
       msg.ack();
-      waiting.resolve(msg);
+      if (waiting && waiting.from === msg.sender) {
+        this.#replies.delete(re);
+        waiting.resolve(msg);
+      }
       return;
     }
     this.#deliveries.push(msg);

@@ -9,20 +9,21 @@ export class Stream<T> implements AsyncIterable<T> {
   #done = false;
   #error: Error | undefined;
   #max: number;
-  #dropOldest: boolean;
   /** @internal called with the item handed out before, when the next is asked for */
   onTake: ((prev: T) => void) | undefined;
+  /** @internal called with the oldest item when it is dropped, past `max` */
+  onDrop: ((item: T) => void) | undefined;
 
-  constructor(max = Infinity, dropOldest = false) {
+  /** At most `max` items wait: past it the oldest is dropped. */
+  constructor(max = Infinity) {
     this.#max = max;
-    this.#dropOldest = dropOldest;
   }
 
   /** @internal */
   put(item: T): void {
     if (this.#done) return;
     this.#items.push(item);
-    if (this.#items.length > this.#max && this.#dropOldest) this.#items.shift();
+    if (this.#items.length > this.#max) this.onDrop?.(this.#items.shift()!);
     const w = this.#wake;
     this.#wake = null;
     w?.();
@@ -78,8 +79,8 @@ export class Subscription extends Stream<Message | TopicGap> {
   recovered: boolean | undefined;
   readonly #unsubscribe: (topic: string) => Promise<void>;
 
-  constructor(topic: string, seq: number, recovered: boolean | undefined, unsubscribe: (topic: string) => Promise<void>) {
-    super();
+  constructor(topic: string, seq: number, recovered: boolean | undefined, unsubscribe: (topic: string) => Promise<void>, max = Infinity) {
+    super(max);
     this.topic = topic;
     this.seq = seq;
     this.recovered = recovered;
@@ -104,7 +105,7 @@ export class PresenceWatch extends Stream<PresenceChanged> {
   readonly #unwatch: (w: PresenceWatch) => Promise<void>;
 
   constructor(nodes: Set<string>, topic: string | undefined, online: Record<string, boolean>, unwatch: (w: PresenceWatch) => Promise<void>) {
-    super(10_000, true);
+    super(10_000);
     this.nodes = nodes;
     this.topic = topic;
     this.online = online;

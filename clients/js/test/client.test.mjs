@@ -229,9 +229,24 @@ test("request and reply (§4.3): handler result, handler error, timeout", async 
   assert.equal(r1.text, "echo:ping1");
   await assert.rejects(a.request(b.nodeId, "fail"), (e) => e instanceof RemoteError && /no such thing/.test(e.err));
   const c = await node(); // no handler: the request is an ordinary message, answered with reply()
-  c.on("message", (m) => (m.text === "late" ? undefined : c.reply(m, "by hand")));
+  let late;
+  c.on("message", (m) => (m.text === "late" ? (late = m) : c.reply(m, "by hand")));
   assert.equal((await a.request(c.nodeId, "manual")).text, "by hand");
   await assert.rejects(a.request(c.nodeId, "late", { timeoutMs: 300 }), RequestTimeout);
+  // A reply after the request gave up is dropped, not queued for a client that only asks.
+  await c.reply(late, "too late");
+  await c.send(a.nodeId, "plain");
+  const first = await a[Symbol.asyncIterator]().next();
+  assert.deepEqual([first.value.text, first.value.replyTo], ["plain", undefined]);
+});
+
+test("maxQueue: past it the oldest unread message is dropped", async () => {
+  const a = await node();
+  const b = await node({ maxQueue: 2 });
+  for (const text of ["1", "2", "3"]) await a.send(b.nodeId, text);
+  await new Promise((r) => setTimeout(r, 300)); // all three read by b, none by the app
+  const it = b[Symbol.asyncIterator]();
+  assert.deepEqual([(await it.next()).value.text, (await it.next()).value.text], ["2", "3"]);
 });
 
 test("§12: signed and encrypted direct messages and topics", async () => {
