@@ -78,7 +78,7 @@ export interface ClientEvents {
   receipt: Receipt;
   /** Every typed event above but `message`. */
   event: Event;
-  /** An `error` frame that answers no request of this client (nil `id`, §3). */
+  /** An `error` that answers no call: a nil `id` (§3), or a refused outbox message nobody awaits. */
   error: HubError;
 }
 
@@ -962,6 +962,8 @@ export class Client implements AsyncIterable<Message> {
           return;
         }
         this.#outboxDone(entry);
+        // A message restored from the outbox file has nobody awaiting it: say it here.
+        if (!entry.waiters.length && err instanceof HubError) this.#fire("error", err);
         for (const w of entry.waiters) w.reject(err);
       },
     });

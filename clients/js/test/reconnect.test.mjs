@@ -2,7 +2,7 @@
 // restart), a hub that goes silent (liveness, §7), and a topic gap (§5 recovered: false).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { Client, Identity } from "../dist/index.js";
+import { Client, HubError, Identity } from "../dist/index.js";
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -122,6 +122,26 @@ test("outbox + cid (§4.2): a QoS 1 send whose ok was lost is resent after the r
     assert.equal(a.outboxSize, 0);
   } finally {
     proxy.close();
+  }
+});
+
+test("outboxFile: a restored send the hub refuses reaches the error listener (nobody awaits it)", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "openred-outbox-"));
+  const file = join(dir, "a.outbox");
+  try {
+    execFileSync(PYTHON, ["-c",
+      "import asyncio, sys; from openred.client import Outbox, OutboxEntry; " +
+      "o = Outbox(path=sys.argv[1]); o.add(OutboxEntry(cid='c1', to='not a node id', body=b'x')); " +
+      "asyncio.run(o.persist())", file]);
+    const a = new Client(hub.url, { identity: await Identity.generate(), outboxFile: file });
+    clients.push(a);
+    const errors = [];
+    a.on("error", (e) => errors.push(e));
+    await a.connect();
+    await eventually(() => errors.length === 1 && a.outboxSize === 0, 5000, "the refusal reported");
+    assert.ok(errors[0] instanceof HubError && errors[0].code === "bad_frame", String(errors[0]));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 });
 
