@@ -71,7 +71,9 @@ __all__ = [
     "encode_topic_msg",
     "encode_welcome",
     "history_ok_overhead",
+    "is_cid",
     "is_topic",
+    "msg_meta_problem",
 ]
 
 MAX_ID_CHARS: Final = 64
@@ -103,6 +105,21 @@ MAX_SINCE: Final = 2**63 - 1
 _TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
 _META_KEY_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CID_RE: Final = re.compile(r"[\x21-\x7e]{1,64}")
+
+
+def is_cid(value: object) -> bool:
+    """§4.2: a `str` of 1..64 printable ASCII characters (0x21..0x7e)."""
+    return type(value) is str and _CID_RE.fullmatch(value) is not None
+
+
+def msg_meta_problem(meta: object) -> str | None:
+    """What makes `meta` break §4.1 (None: nothing): the hub's check, for clients to
+    run before sending."""
+    try:
+        _msg_meta(meta)
+    except _Bad as exc:
+        return str(exc)
+    return None
 
 
 def is_topic(value: object) -> bool:

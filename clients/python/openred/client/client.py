@@ -44,7 +44,6 @@ import itertools
 import logging
 import os
 import random
-import re
 import ssl as ssl_module
 import time
 import weakref
@@ -53,7 +52,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import msgpack
 from openred.client import _otel
 from openred.client.crypto import (
     ENC_BOX,
@@ -93,7 +91,7 @@ from openred.client.events import (
     TopicGap,
 )
 from openred.client.message import Message
-from openred.client.outbox import Outbox, OutboxEntry, new_cid, valid_cid
+from openred.client.outbox import Outbox, OutboxEntry, new_cid
 from openred.client.streams import History, PresenceWatch, Subscription
 from openred.protocol.errors import (
     AUTH_FAILED,
@@ -108,7 +106,15 @@ from openred.protocol.errors import (
     HandshakeError,
     ProtocolViolation,
 )
-from openred.protocol.frames import batch_of, decode_server, encode, is_topic
+from openred.protocol.frames import (
+    MAX_MSG_META_VALUE_CHARS,
+    batch_of,
+    decode_server,
+    encode,
+    is_cid,
+    is_topic,
+    msg_meta_problem,
+)
 from openred.protocol.handshake import ClientHandshake, Welcome
 from openred.protocol.identity import Identity, is_node_id, load_key_file
 from websockets.asyncio.client import ClientConnection, connect
@@ -138,12 +144,6 @@ _GAP_WAIT_S: Final = 0.5  # §5: kept messages follow the `ok` at once; then rep
 _OUTBOX_RETRY_MIN_S: Final = 0.25
 _OUTBOX_RETRY_MAX_S: Final = 4.0
 _MAX_REQUEST_HANDLERS: Final = 64
-# §4.1 meta bounds.
-_META_MAX_ENTRIES: Final = 16
-_META_MAX_VALUE_CHARS: Final = 512
-_META_MAX_BYTES: Final = 1024
-_META_KEY: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_REQ_ID_CHARS: Final = 64
 
 Callback = Callable[[Any], object]
 RequestHandler = Callable[[Message], bytes | Awaitable[bytes]]
@@ -159,17 +159,12 @@ def backoff_delay(attempt: int, min_s: float, max_s: float,
 
 def check_meta(meta: Mapping[str, str]) -> dict[str, str]:
     """§4.1: at most 16 entries, keys of `[A-Za-z0-9._-]{1,64}`, `str` values of at most
-    512 chars, 1024 bytes encoded. `ValueError` naming the rule, before anything is sent."""
+    512 chars, 1024 bytes encoded (the hub's own check, openred.protocol.frames).
+    `ValueError` naming the rule, before anything is sent."""
     out = dict(meta)
-    if len(out) > _META_MAX_ENTRIES:
-        raise ValueError(f"meta: more than {_META_MAX_ENTRIES} entries")
-    for k, v in out.items():
-        if type(k) is not str or not _META_KEY.fullmatch(k):
-            raise ValueError("meta: a key is not 1..64 chars of [A-Za-z0-9._-]")
-        if type(v) is not str or len(v) > _META_MAX_VALUE_CHARS:
-            raise ValueError(f"meta: value of {k} is not a str of at most 512 chars")
-    if len(msgpack.packb(out, use_bin_type=True)) > _META_MAX_BYTES:
-        raise ValueError(f"meta: larger than {_META_MAX_BYTES} bytes encoded")
+    problem = msg_meta_problem(out)
+    if problem is not None:
+        raise ValueError(problem)
     return out
 
 
@@ -692,7 +687,7 @@ class Client:
             raise ValueError("qos: must be 0 or 1")
         if ttl is not None and (type(ttl) is not int or ttl < 1):
             raise ValueError("ttl: must be an int >= 1")
-        if cid is not None and not valid_cid(cid):
+        if cid is not None and not is_cid(cid):
             raise ValueError("cid: not 1..64 printable ASCII chars")
         headers = check_meta(meta or {})
         wire = bytes(body)
@@ -873,7 +868,7 @@ class Client:
         headers = dict(meta or {})
         headers["re"] = req
         if error is not None:
-            headers["err"] = error[:_META_MAX_VALUE_CHARS] or "error"
+            headers["err"] = error[:MAX_MSG_META_VALUE_CHARS] or "error"
         if encrypt is None and msg.enc == ENC_BOX:
             encrypt = True  # an encrypted request gets an encrypted reply
         return await self.send(msg.sender, body, qos=msg.qos, meta=headers, sign=sign,

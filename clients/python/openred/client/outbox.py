@@ -30,8 +30,9 @@ from typing import Any
 
 import msgpack
 from openred.client.errors import OutboxError, OutboxFull
+from openred.protocol.frames import is_cid
 
-__all__ = ["Outbox", "OutboxEntry", "new_cid", "valid_cid"]
+__all__ = ["Outbox", "OutboxEntry", "new_cid"]
 
 log = logging.getLogger("openred.client")
 
@@ -39,18 +40,12 @@ _MAGIC = b"openred-outbox/1\n"
 _RECORD_HEAD = struct.Struct(">II")  # payload length, CRC-32 of the payload
 _MAX_RECORD_BYTES = 1 << 24  # far above one entry (a body is at most a frame)
 _COMPACT_MIN_BYTES = 64 * 1024  # below this, a journal is never worth compacting
-_CID_CHARS = 64
 
 
 def new_cid() -> str:
     """A fresh §4.2 `cid`: 22 URL-safe chars, within 0x21..0x7e."""
     return secrets.token_urlsafe(16)
 
-
-def valid_cid(cid: object) -> bool:
-    """§4.2: a `str` of 1..64 printable ASCII characters (0x21..0x7e)."""
-    return (isinstance(cid, str) and 0 < len(cid) <= _CID_CHARS
-            and all(0x21 <= ord(c) <= 0x7E for c in cid))
 
 
 @dataclass(eq=False)
@@ -97,7 +92,7 @@ def _entry_of(rec: object) -> OutboxEntry:
     cid, to, body = rec.get("cid"), rec.get("to"), rec.get("body")
     ttl, sig, meta = rec.get("ttl"), rec.get("sig"), rec.get("meta")
     receipt, created = rec.get("receipt", False), rec.get("created_ms", 0)
-    if (not valid_cid(cid) or type(to) is not str or type(body) is not bytes
+    if (not is_cid(cid) or type(to) is not str or type(body) is not bytes
             or (ttl is not None and type(ttl) is not int)
             or (sig is not None and type(sig) is not bytes) or type(receipt) is not bool
             or type(created) is not int
