@@ -725,7 +725,21 @@ async def test_a_kick_reconnects_once_and_a_repeated_kick_ends_the_client(
         assert [(d.code, d.will_retry) for d in downs] == [(4012, True), (4012, False)]
 
 
-@pytest.mark.parametrize("code", [CLOSE_REPLACED, CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN])
+async def test_backoff_restarts_only_after_a_session_that_lasted(
+        fake: FakeHub, ident: Identity) -> None:
+    """§9: reset once a session has lasted a minute; a hub that closes each session at
+    once sees the attempts, and the delays, keep growing."""
+    states: list[StateEvent] = []
+    async with client(fake, ident, on_state=states.append) as c:
+        for n in (2, 3):
+            await fake.kick(CLOSE_RESTART, "restart")
+            await eventually(lambda n=n: len(fake.sessions) == n and c.connected)
+        downs = [s for s in states if isinstance(s, Disconnected)]
+        assert [d.attempt for d in downs] == [1, 2]
+
+
+@pytest.mark.parametrize("code", [CLOSE_REPLACED, CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN,
+                                  1002, 1003, 1007])
 async def test_no_reconnect_after_final_close(fake: FakeHub, ident: Identity,
                                               code: int) -> None:
     states: list[StateEvent] = []

@@ -15,6 +15,7 @@ reference is docs/sdk.md; the wire contract docs/protocol.md.
 from openred.client.client import (
     KICK_REPEAT_S,
     NO_RECONNECT_CODES,
+    SESSION_STABLE_S,
     Client,
     backoff_delay,
     check_meta,
@@ -54,6 +55,7 @@ from openred.protocol.identity import Identity
 __all__ = [
     "KICK_REPEAT_S",
     "NO_RECONNECT_CODES",
+    "SESSION_STABLE_S",
     "AuthError",
     "Client",
     "ClientError",

@@ -12,9 +12,10 @@ Behaviour, by docs/protocol.md section:
 
 - §2 / §9: `connect()` retries (unless `reconnect=False`) until a session opens or
   `connect_timeout_s` passes; a refused hello (`AuthError`) is never retried. Close
-  codes 4001, 4003 and 4010, and a 4012 (kick) within a minute of the last, end the
-  client; every other close and a drop reconnect. A `bye` with `retry_ms` sets the
-  minimum delay before the next attempt.
+  codes 4001, 4003, 4010 and the client-bug codes 1002, 1003, 1007, and a 4012 (kick)
+  within a minute of the last, end the client; every other close and a drop reconnect.
+  A `bye` with `retry_ms` sets the minimum delay before the next attempt; the backoff
+  starts again from its minimum once a session has lasted a minute.
   Each step is a typed event (`Connected`, `Disconnected`, `Closed`).
 - §3: requests carry an incrementing int `id`; replies are matched by `id`, in any
   order. A call waits for a connection at most `connect_timeout_s`, then for its reply
@@ -120,15 +121,20 @@ from openred.protocol.identity import Identity, is_node_id, load_key_file
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-__all__ = ["KICK_REPEAT_S", "NO_RECONNECT_CODES", "Client", "backoff_delay"]
+__all__ = ["KICK_REPEAT_S", "NO_RECONNECT_CODES", "SESSION_STABLE_S", "Client", "backoff_delay"]
 
 log = logging.getLogger("openred.client")
 
 # §9: a refusal, a ban or a newer session: coming back would be refused again or would
-# take the session back from its new owner. An operator's kick (4012) is different: §9
-# says reconnect with backoff, and stop only when it repeats (KICK_REPEAT_S).
-NO_RECONNECT_CODES: Final = frozenset({CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN, CLOSE_REPLACED})
+# take the session back from its new owner; 1002, 1003 and 1007 say this client sent
+# what no hub accepts ("do not loop"). An operator's kick (4012) is different: §9 says
+# reconnect with backoff, and stop only when it repeats (KICK_REPEAT_S).
+NO_RECONNECT_CODES: Final = frozenset({CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN, CLOSE_REPLACED,
+                                       1002, 1003, 1007})
 KICK_REPEAT_S: Final = 60.0
+# §9: the backoff starts again from its minimum once a session has lasted this long, so
+# a hub that closes every session at once is not reconnected to every backoff_min_s.
+SESSION_STABLE_S: Final = 60.0
 _CLOSE_NORMAL: Final = 1000
 _CLOSE_ABNORMAL: Final = 1006
 _CLOSE_INTERNAL: Final = 1011
@@ -1455,9 +1461,12 @@ class Client:
     async def _supervise(self, conn: _Conn) -> None:
         """Watch the connection; reconnect with backoff until a final close."""
         attempt = 0
+        up_since = time.monotonic()
         try:
             while True:
                 down = await self._wait_down(conn)
+                if time.monotonic() - up_since >= SESSION_STABLE_S:
+                    attempt = 0
                 self._conn = self._live = None
                 self._ready.clear()
                 await self._teardown(conn, down)
@@ -1489,7 +1498,7 @@ class Client:
                             "event": "client_reconnect_failed", "error": _short(exc)})
                         code, reason = _CLOSE_ABNORMAL, _short(exc)
                         continue
-                    attempt = 0
+                    up_since = time.monotonic()
                     self._set_ready(conn)
                     break
         except asyncio.CancelledError:
