@@ -229,6 +229,7 @@ class TopicState {
 
 const RETRY_CODES = new Set(["unavailable", "internal", "rate_limited"]);
 const SESSION_STABLE_MS = 60_000;
+const KICK_REPEAT_MS = 60_000; // §9: a kick (4012) within this long of the last one ends the client
 const GAP_WAIT_MS = 500;
 const RESUB_ROUNDS = 4;
 const MAX_REQUEST_HANDLERS = 64;
@@ -313,7 +314,7 @@ export class Client implements AsyncIterable<Message> {
   #delivering = false;
   #inbox: Stream<Message>;
   #attempt = 0;
-  #prevShortClose: number | undefined;
+  #lastKick = -Infinity;
   #reconnectTimer: ReturnType<typeof setTimeout> | null = null;
 
   constructor(url = "ws://127.0.0.1:8765/v1/ws", opts: ClientOptions = {}) {
@@ -1194,8 +1195,11 @@ export class Client implements AsyncIterable<Message> {
   #sessionEnded(conn: Conn, code: number, reason: string): void {
     const stable = Date.now() - conn.opened >= SESSION_STABLE_MS;
     if (stable) this.#attempt = 0;
-    const previous = stable ? undefined : this.#prevShortClose;
-    this.#prevShortClose = stable ? undefined : code;
+    let previous: number | undefined;
+    if (code === 4012) {
+      if (Date.now() - this.#lastKick < KICK_REPEAT_MS) previous = code;
+      this.#lastKick = Date.now();
+    }
     const final = this.#closed || !this.#o.reconnect || isFinalClose(code, previous);
     if (final) {
       this.#emit({ type: "disconnected", code, reason, willRetry: false, attempt: 0, delayMs: 0, retryMs: conn.retryMs });
