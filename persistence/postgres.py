@@ -9,13 +9,19 @@ and `audit` (`maintain`), and the group commit.
 
 Design: an asyncpg pool; every connection is borrowed with `async with pool.acquire()`
 for one query or one transaction. Writes (enqueue, ack, append_history and the
-`*_nowait` calls) go on a FIFO queue drained by ONE writer task: it takes everything
-queued and commits it as one transaction of set-based statements (`INSERT ... SELECT
-FROM unnest($1::text[], ...)`, one per kind of write), then resolves the callers'
-futures. Calls made while a commit is in flight join the next one (group commit), and
-the single writer keeps the commit order equal to the call order. Reads run on their own
-pooled connection, after the queued writes of the data they read (`_barrier`); `ping()`
-waits for every queued write (a flush). Node writes are single upserts, not queued.
+`*_nowait` calls) go on FIFO queues, each drained by ONE writer task (`_Lane`): it takes
+everything queued and commits it as one transaction of set-based statements (`INSERT
+... SELECT FROM unnest($1::text[], ...)`, one per kind of write), then resolves the
+callers' futures. Calls made while a commit is in flight join the next one (group
+commit), and each writer keeps its commit order equal to the call order. Acks and
+delivered marks have a lane (and a connection) of their own, so a QoS 1 `ok` never waits
+for the acks of other messages, nor acks for stores: the two never touch the same row
+(a message is acked only once delivered, and delivered only once its enqueue committed).
+Everything else (enqueues, session starts, history, audit) shares the other lane: the
+queue bound, the cid rows and the node rows are written in call order. Reads run on
+their own pooled connection, after the queued writes of the data they read
+(`_barrier`); `ping()` waits for every queued write (a flush). Node writes are single
+upserts, not queued.
 
 Failure at the boundary: asyncpg and OS errors become `StoreUnavailable`, except bad
 values and constraint violations, which fail the one caller that sent them (the batch
@@ -359,9 +365,10 @@ _SQL_MARK_DELIVERED = (
 # it writes the mark held for it (`dlv`, DeliveredMarks) in the same row update.
 _SQL_ACK = (
     "UPDATE messages AS m SET acked = a.at, delivered = COALESCE(m.delivered, a.dlv, a.at)"
-    " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS a(node, mid, at, dlv)"
+    " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])"
+    " WITH ORDINALITY AS a(node, mid, at, dlv, ord)"
     " WHERE m.mid = a.mid AND m.recipient = a.node AND m.acked IS NULL"
-    " RETURNING m.mid, m.recipient, m.sender, m.receipt, m.expires"
+    " RETURNING a.ord, m.sender, m.receipt, m.expires"
 )
 _SQL_MESSAGE_STATE = (
     "SELECT sender, recipient, created, expires, delivered, acked FROM messages"
@@ -522,8 +529,9 @@ class PendingCounts:
     re-counted after `max_age_s`, and a recipient that looks full is re-counted (inside
     the batch transaction) before a message is refused: the bound may be overshot by what
     other instances enqueued within `max_age_s`, and a message is never refused for a
-    queue that is not full. Only the writer task touches it; it is cleared whenever a
-    transaction fails, and after purges and partition drops.
+    queue that is not full. Only the writer tasks touch it (the acks' lane takes its -1s
+    once their commit returned: `acked`); it is cleared whenever a transaction fails, and
+    after purges and partition drops.
     """
 
     max_entries = 100_000  # bounded memory: cleared beyond this many recipients
@@ -553,10 +561,16 @@ class PendingCounts:
             entry[0] += 1
             entry[2] = min(entry[2], expires)
 
-    def acked(self, recipient: str, expires: int) -> None:
+    def acked(self, recipient: str, expires: int, committing_s: float) -> None:
+        """After the commit of an ack sent to the server at `committing_s` (monotonic)."""
         entry = self._entries.get(recipient)
-        # Messages already expired at as_of were not counted.
-        if entry is not None and expires > entry[1]:
+        if entry is None:
+            return
+        if entry[3] >= committing_s:
+            # Counted (by the other lane) while the ack was committing: the count may have
+            # seen it or not.
+            del self._entries[recipient]
+        elif expires > entry[1]:  # messages already expired at as_of were not counted
             entry[0] -= 1
 
     def forget(self, recipient: str) -> None:
@@ -586,6 +600,28 @@ class _Item:
 
 _Outcome = tuple[_Item, Any, BaseException | None]
 
+# Which lane each kind of write goes to (`_Lane`): acks and delivered marks, or the rest.
+_ACK_LANE = 1
+_LANE_OF = (0, _ACK_LANE, _ACK_LANE, 0, 0, 0)  # by kind: _ENQUEUE .. _AUDIT
+
+
+class _Lane:
+    """One writer task and its FIFO queue of items (module docstring)."""
+
+    __slots__ = ("awaited", "barriers", "done_no", "kinds", "no", "nowait", "queue", "task",
+                 "wake")
+
+    def __init__(self, no: int) -> None:
+        self.no = no
+        self.kinds = [kind for kind, lane in enumerate(_LANE_OF) if lane == no]
+        self.queue: deque[_Item] = deque()
+        self.wake = asyncio.Event()
+        self.awaited = 0  # awaited items in queue
+        self.nowait = 0  # fire-and-forget items in queue
+        self.done_no = 0  # every item of this lane up to this number is finished
+        self.barriers: list[tuple[int, asyncio.Future[None]]] = []
+        self.task: asyncio.Task[None] | None = None
+
 
 def _duplicate(what: str) -> StoreError:
     return StoreError(f"store: constraint failed: duplicate {what}")
@@ -597,6 +633,8 @@ class _Batch:
     def __init__(self, items: list[_Item], careful: bool) -> None:
         self.items = items
         self.careful = careful
+        # (recipient, expires) of each message acked: the pending counts, once committed.
+        self.acked: list[tuple[str, int]] = []
         self.by_kind: list[list[_Item]] = [[], [], [], [], [], []]
         for item in items:
             self.by_kind[item.kind].append(item)
@@ -652,7 +690,8 @@ def _resolve(outcomes: list[_Outcome]) -> int:
 
 
 class PostgresStore:
-    """`Store` on PostgreSQL through an asyncpg pool, group-committed by one writer task.
+    """`Store` on PostgreSQL through an asyncpg pool, group-committed by two writer tasks
+    (the module docstring: acks in a lane of their own).
 
     `url`: `postgresql://...` (libpq defaults for what it leaves out), optionally with
     `?schema=NAME`; the `schema` keyword does the same (it wins over the URL). Tables live
@@ -667,7 +706,7 @@ class PostgresStore:
     - `in_doubt`: batches whose COMMIT was cut off (their outcome was asked afterwards).
     - `nowait_dropped`: `*_nowait` items dropped (queue bound reached, store closed or
       failing, a value PostgreSQL refused).
-    - `max_nowait` (100,000): bound on queued fire-and-forget items.
+    - `max_nowait` (100,000): bound on queued fire-and-forget items, in each lane.
     - `max_batch` (5,000): most items committed in one transaction.
     - `nowait_linger_s` (0.05): fire-and-forget items alone wait this long for an awaited
       call to ride with, instead of committing on their own.
@@ -733,19 +772,13 @@ class PostgresStore:
         self._start_lock = asyncio.Lock()
         self._closed = False
         self._dead = False  # the writer task stopped unexpectedly
-        self._writer: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self.in_doubt = 0
         self._resolvers: set[asyncio.Task[None]] = set()
         self._compensators: set[asyncio.Task[None]] = set()
-        self._queue: deque[_Item] = deque()
-        self._wake = asyncio.Event()
-        self._awaited = 0  # awaited items in _queue
-        self._nowait = 0  # fire-and-forget items in _queue
+        self._lanes = (_Lane(0), _Lane(_ACK_LANE))
         self._next_no = 0  # number of the last item submitted
-        self._done_no = 0  # every item up to this number is finished
         self._last_no = [0] * 6  # number of the last item submitted, by kind
-        self._barriers: list[tuple[int, asyncio.Future[None]]] = []
         self._batch_no = 0
         self._counts = PendingCounts(self.pending_count_max_age_s)
         self.delivered_marks = DeliveredMarks()
@@ -793,19 +826,21 @@ class PostgresStore:
         if self._closed:
             return
         self._closed = True
-        self._wake.set()
+        for lane in self._lanes:
+            lane.wake.set()
         if self._maintainer is not None:
             self._maintainer.cancel()
             try:
                 await self._maintainer
             except asyncio.CancelledError:
                 pass
-        if self._writer is not None:
-            # FIFO: the writer commits everything queued before it stops.
-            try:
-                await self._writer
-            except Exception:  # already logged; nothing is left waiting
-                pass
+        for lane in self._lanes:
+            if lane.task is not None:
+                # FIFO: each writer commits everything queued before it stops.
+                try:
+                    await lane.task
+                except Exception:  # already logged; nothing is left waiting
+                    pass
         if self._resolvers:
             await asyncio.wait(set(self._resolvers), timeout=self.in_doubt_timeout_s)
         for task in [*self._resolvers, *self._compensators]:
@@ -814,7 +849,8 @@ class PostgresStore:
                 await task
             except asyncio.CancelledError:
                 pass
-        self._release_barriers(all_=True)
+        for lane in self._lanes:
+            self._release_barriers(lane, all_=True)
         for name in ("_read_pool", "_pool"):
             pool = getattr(self, name)
             setattr(self, name, None)
@@ -880,8 +916,10 @@ class PostgresStore:
                 except _DRIVER_ERRORS as exc:  # a bad DSN: run without the replica
                     _log.warning("store_replica_unavailable",
                                  extra={"error": str(exc) or type(exc).__name__})
-            self._writer = asyncio.get_running_loop().create_task(
-                self._run_writer(), name="openred-store-writer")
+            loop = asyncio.get_running_loop()
+            for lane in self._lanes:
+                lane.task = loop.create_task(self._run_writer(lane),
+                                             name=f"openred-store-writer-{lane.no}")
 
     # -- migrations ----------------------------------------------------------------------------
 
@@ -1050,6 +1088,8 @@ class PostgresStore:
                             registered_only: bool = False) -> tuple[NodeRecord | None, int]:
         _check_text(node_id)
         meta_json = None if meta is None else self._json(meta)
+        # The count it answers sees the acks submitted before it (the other lane).
+        await self._barrier(_ACK)
         result: tuple[NodeRecord | None, int] = await self._submit(
             _SESSION, (node_id, key, meta_json, now_ms, registered_only))
         return result
@@ -1395,24 +1435,26 @@ class PostgresStore:
         future = asyncio.get_running_loop().create_future()
         self._next_no += 1
         self._last_no[kind] = self._next_no
-        self._queue.append(_Item(kind, args, future, self._next_no))
-        self._awaited += 1
-        self._wake.set()
+        lane = self._lanes[_LANE_OF[kind]]
+        lane.queue.append(_Item(kind, args, future, self._next_no))
+        lane.awaited += 1
+        lane.wake.set()
         return future
 
     def _submit_nowait(self, kind: int, args: tuple[Any, ...]) -> None:
+        lane = self._lanes[_LANE_OF[kind]]
         if (self._closed or self._pool is None or self._dead
-                or self._nowait >= self.max_nowait):
+                or lane.nowait >= self.max_nowait):
             self._dropped += 1
             return
         self._next_no += 1
         self._last_no[kind] = self._next_no
-        self._queue.append(_Item(kind, args, None, self._next_no))
-        self._nowait += 1
+        lane.queue.append(_Item(kind, args, None, self._next_no))
+        lane.nowait += 1
         # Only an idle writer needs waking; otherwise the item rides with the batch being
         # formed (and a lingering writer keeps waiting for an awaited call).
-        if len(self._queue) == 1:
-            self._wake.set()
+        if len(lane.queue) == 1:
+            lane.wake.set()
 
     async def _barrier(self, *kinds: int) -> None:
         """Wait until the writes submitted so far (of these kinds; none named: all) are
@@ -1423,97 +1465,102 @@ class PostgresStore:
         `purge_expired` wait for everything (`ping` is the flush).
         """
         self._check_open()
-        target = max((self._last_no[k] for k in kinds), default=0) if kinds else self._next_no
-        if self._done_no >= target or self._writer is None or self._dead:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._barriers.append((target, future))
-        self._wake.set()
-        await future
+        for lane in self._lanes:
+            # The number of this lane's last item of these kinds: lanes commit in order.
+            target = max((self._last_no[k] for k in (kinds or lane.kinds)
+                          if _LANE_OF[k] == lane.no), default=0)
+            if lane.done_no >= target or lane.task is None or self._dead:
+                continue
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            lane.barriers.append((target, future))
+            lane.wake.set()
+            await future
 
-    def _release_barriers(self, all_: bool = False) -> None:
+    @staticmethod
+    def _release_barriers(lane: _Lane, all_: bool = False) -> None:
         keep: list[tuple[int, asyncio.Future[None]]] = []
-        for target, future in self._barriers:
-            if all_ or target <= self._done_no:
+        for target, future in lane.barriers:
+            if all_ or target <= lane.done_no:
                 if not future.done():
                     future.set_result(None)
             else:
                 keep.append((target, future))
-        self._barriers = keep
+        lane.barriers = keep
 
     # -- the writer task -----------------------------------------------------------------------
 
-    async def _run_writer(self) -> None:
+    async def _run_writer(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
         batch: list[_Item] = []
+        marks = self.delivered_marks if lane.no == _ACK_LANE else None
         try:
             while True:
-                if not self._queue:
-                    marks = self.delivered_marks
-                    due_in = marks.due_in()
+                if not lane.queue:
+                    due_in = None if marks is None else marks.due_in()
                     if due_in is not None and (due_in <= 0 or self._closed):
-                        await self._flush([])  # held delivered marks due (or closing)
+                        await self._flush(lane, [])  # held delivered marks due (or closing)
                         continue
                     if self._closed:
                         return
-                    self._wake.clear()
+                    lane.wake.clear()
                     if due_in is None:
-                        await self._wake.wait()
+                        await lane.wake.wait()
                         continue
                     try:
                         async with asyncio.timeout(due_in):
-                            await self._wake.wait()
+                            await lane.wake.wait()
                     except TimeoutError:
                         pass
                     continue
-                if not self._urgent():
+                if not self._urgent(lane):
                     # Only fire-and-forget items: linger for an awaited call to ride with.
                     deadline = loop.time() + self.nowait_linger_s
-                    while not self._urgent():
+                    while not self._urgent(lane):
                         remaining = deadline - loop.time()
                         if remaining <= 0:
                             break
-                        self._wake.clear()
+                        lane.wake.clear()
                         try:
                             async with asyncio.timeout(remaining):
-                                await self._wake.wait()
+                                await lane.wake.wait()
                         except TimeoutError:
                             break
-                batch = self._take()
-                await self._flush(batch)
-                self._done_no = batch[-1].no
+                batch = self._take(lane)
+                await self._flush(lane, batch)
+                lane.done_no = batch[-1].no
                 batch = []
-                self._release_barriers()
+                self._release_barriers(lane)
         except BaseException as exc:  # a bug or a cancelled loop: never leave a caller waiting
             if not isinstance(exc, asyncio.CancelledError):
                 _log.exception("store_writer_crashed")
             self._dead = True
-            left = batch + list(self._queue)
-            self._queue.clear()
+            left = batch + list(lane.queue)
+            lane.queue.clear()
             self._dropped += _resolve([(item, None, _unavailable("writer stopped"))
                                        for item in left])
-            self._release_barriers(all_=True)
+            for each in self._lanes:  # the other lane's waiting readers too
+                self._release_barriers(each, all_=True)
             raise
         finally:
             if self._closed:
-                self._release_barriers(all_=True)
+                self._release_barriers(lane, all_=True)
 
-    def _urgent(self) -> bool:
-        return self._awaited > 0 or bool(self._barriers) or self._closed
+    def _urgent(self, lane: _Lane) -> bool:
+        return lane.awaited > 0 or bool(lane.barriers) or self._closed
 
-    def _take(self) -> list[_Item]:
+    def _take(self, lane: _Lane) -> list[_Item]:
         """Take the batch: everything queued (at most max_batch items)."""
-        queue = self._queue
+        queue = lane.queue
         if len(queue) <= self.max_batch:
             batch = list(queue)
             queue.clear()
-            self._awaited = 0
-            self._nowait = 0
+            lane.awaited = 0
+            lane.nowait = 0
             return batch
         batch = [queue.popleft() for _ in range(self.max_batch)]
         awaited = sum(1 for item in batch if item.future is not None)
-        self._awaited -= awaited
-        self._nowait -= len(batch) - awaited
+        lane.awaited -= awaited
+        lane.nowait -= len(batch) - awaited
         return batch
 
     def _fold_marks(self, items: list[_Item]) -> list[_Item]:
@@ -1539,9 +1586,9 @@ class PostgresStore:
             work.append(_Item(_DELIVERED, (mids, times), None, 0))
         return work
 
-    async def _flush(self, items: list[_Item]) -> None:
+    async def _flush(self, lane: _Lane, items: list[_Item]) -> None:
         """Commit `items` (the group commit) and resolve their callers."""
-        work = self._fold_marks(items)
+        work = self._fold_marks(items) if lane.no == _ACK_LANE else items
         if not work:
             return
         try:
@@ -1550,14 +1597,14 @@ class PostgresStore:
             _log.warning("store_batch_failed", extra={"error": str(exc), "items": len(items)})
             # One exception object per caller: each await appends its own traceback.
             outcomes = [(item, None, _copy(exc)) for item in work]
-            if isinstance(exc.__cause__, TimeoutError) and self._queue:
+            if isinstance(exc.__cause__, TimeoutError) and lane.queue:
                 # The server did not answer in time: what queued meanwhile would wait as
                 # long again, batch after batch, for the same answer. It fails with this
                 # batch, so a call waits about one timeout at most (hub/breaker.py stops
                 # new calls). `items` grows: the writer's `batch[-1].no` covers them.
-                behind = list(self._queue)
-                self._queue.clear()
-                self._awaited = self._nowait = 0
+                behind = list(lane.queue)
+                lane.queue.clear()
+                lane.awaited = lane.nowait = 0
                 items.extend(behind)
                 outcomes += [(item, None, _copy(exc)) for item in behind]
         except Exception as exc:  # a bug: fail this batch loudly, keep the writer alive
@@ -1616,6 +1663,8 @@ class PostgresStore:
             committing = time.monotonic()
             try:
                 await conn.execute("COMMIT")
+                for recipient, expires in batch.acked:
+                    self._counts.acked(recipient, expires, committing)
             except BaseException as exc:
                 self._counts.clear()
                 if isinstance(exc, asyncpg.exceptions.PostgresError) and not isinstance(
@@ -1725,7 +1774,7 @@ class PostgresStore:
                 await conn.execute(_SQL_MARK_DELIVERED, *item.args)
                 outcomes.append((item, None, None))
         if batch.by_kind[_ACK]:
-            await self._apply_acks(conn, batch.by_kind[_ACK], outcomes)
+            await self._apply_acks(conn, batch, outcomes)
         if batch.by_kind[_SESSION]:  # after the queue writes: the counts see them
             await self._apply_sessions(conn, batch.by_kind[_SESSION], outcomes)
         if batch.by_kind[_HISTORY]:
@@ -1754,8 +1803,10 @@ class PostgresStore:
             if counts.get(msg.recipient, msg.created, now_s) is None:
                 need.setdefault(msg.recipient, msg.created)
         if need:
-            for row in await conn.fetch(_SQL_COUNT_MANY, list(need), list(need.values())):
-                counts.put(row[0], row[1], need[row[0]], row[2], now_s, batch_no)
+            rows = await conn.fetch(_SQL_COUNT_MANY, list(need), list(need.values()))
+            counted = time.monotonic()  # after the count's snapshot (PendingCounts.acked)
+            for row in rows:
+                counts.put(row[0], row[1], need[row[0]], row[2], counted, batch_no)
         # docs/protocol.md §4.2: a (sender, cid) remembered already names its message;
         # a repeat is answered with that mid, neither counted nor stored. Only batches
         # with cids pay for it (one statement, whatever their size).
@@ -1795,7 +1846,7 @@ class PostgresStore:
                 extra = [e for e in batch_new.get(msg.recipient, ()) if e > msg.created]
                 expiries = extra if row[2] is None else [row[2], *extra]
                 entry = counts.put(msg.recipient, row[1] + len(extra), msg.created,
-                                   min(expiries, default=None), now_s, batch_no)
+                                   min(expiries, default=None), time.monotonic(), batch_no)
             if entry[0] >= max_pending:
                 outcomes.append((item, None, QueueFull("queue full")))
                 continue
@@ -1876,8 +1927,8 @@ class PostgresStore:
         if moved:
             await conn.execute(_SQL_DEDUP_SET, *(list(c) for c in zip(*moved, strict=True)))
 
-    async def _apply_acks(self, conn: Any, items: list[_Item],
-                          outcomes: list[_Outcome]) -> None:
+    async def _apply_acks(self, conn: Any, batch: _Batch, outcomes: list[_Outcome]) -> None:
+        items = batch.by_kind[_ACK]
         # Each (node, mid) goes to the first call that names it: a later call of the same
         # batch finds it acked already, as if the calls had run one after another.
         owner: dict[tuple[str, str], tuple[_Item, int]] = {}
@@ -1885,17 +1936,26 @@ class PostgresStore:
             node_id, mids, now_ms = item.args
             for mid in mids:
                 owner.setdefault((node_id, mid), (item, now_ms))
-        nodes = [key[0] for key in owner]
-        mids_ = [key[1] for key in owner]
-        times = [value[1] for value in owner.values()]
+        keys = list(owner)
+        mids_ = [key[1] for key in keys]
         marks = self._ack_marks
-        delivered = [marks.get(mid) for mid in mids_]
-        rows = await conn.fetch(_SQL_ACK, nodes, mids_, times, delivered)
+        rows = await conn.fetch(_SQL_ACK, [key[0] for key in keys], mids_,
+                                [value[1] for value in owner.values()],
+                                [marks.get(mid) for mid in mids_])
         acked: dict[tuple[str, str], AckResult] = {}
-        for mid, recipient, sender, receipt, expires in rows:
-            if (recipient, mid) not in acked:
-                acked[(recipient, mid)] = AckResult(mid=mid, sender=sender, receipt=receipt)
-            self._counts.acked(recipient, expires)
+        for ordinal, sender, receipt, expires in rows:  # the rows come by input position
+            key = keys[ordinal - 1]
+            if key not in acked:
+                acked[key] = AckResult(mid=key[1], sender=sender, receipt=receipt)
+            batch.acked.append((key[0], expires))
+        if marks:
+            # A mark taken for an ack that acked nothing (another node's, a repeat) is
+            # held again for the right one.
+            done = {key[1] for key in acked}
+            held = self.delivered_marks
+            for mid, at in marks.items():
+                if mid not in done:
+                    held.hold([mid], at)
         for item in items:
             node_id, mids, _ = item.args
             result: list[AckResult] = []

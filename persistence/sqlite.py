@@ -476,7 +476,7 @@ def _op_ack(conn: sqlite3.Connection, counts: PendingCounts, marks: DeliveredMar
         chunk = dict.fromkeys(mids[start:start + _ACK_CHUNK])  # a mid named twice: once
         args: list[Any] = [now_ms]
         for mid in chunk:
-            at = marks.take(mid)
+            at = marks.get(mid)  # taken below only if this ack acks it
             args += (mid, now_ms if at is None else at)
         args.append(node_id)
         rows = conn.execute(
@@ -488,6 +488,7 @@ def _op_ack(conn: sqlite3.Connection, counts: PendingCounts, marks: DeliveredMar
         ).fetchall()
         for mid, sender, receipt, expires in rows:
             counts.acked(node_id, expires)
+            marks.take(mid)
             acked[mid] = AckResult(mid=mid, sender=sender, receipt=bool(receipt))
     return [acked[mid] for mid in dict.fromkeys(mids) if mid in acked]  # in the ack's order
 

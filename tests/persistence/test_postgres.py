@@ -300,7 +300,8 @@ async def test_a_duplicate_does_not_split_the_batch(pg_store: PostgresStore) -> 
     assert [e.seq for e in await store.history_since("news", 0, NOW, HOUR_MS)] == [1, 2, 3]
 
 
-async def test_group_commit_mixes_kinds_in_one_transaction(pg_store: PostgresStore) -> None:
+async def test_group_commit_mixes_kinds_of_a_lane_in_one_transaction(
+        pg_store: PostgresStore) -> None:
     store = pg_store
     for i in range(3):
         await store.enqueue(msg(i), 10)
@@ -314,11 +315,46 @@ async def test_group_commit_mixes_kinds_in_one_transaction(pg_store: PostgresSto
     store.mark_delivered_nowait([msg(1).mid], NOW + 2)
     store.audit_nowait("kick", "bob", None, {}, NOW)
     await store.ping()
-    assert store.commits - before <= 2
+    # The enqueues and the history append commit together; the ack in the acks' lane;
+    # the audit event, queued after they returned, on its own.
+    assert store.commits - before <= 3
     state = await store.message_state(msg(1).mid, NOW + 3)
     assert state is not None and state.state == "delivered"
     assert [m.mid for m in await store.pending("carol", NOW, None, 10)] == [
         msg(10, to="carol").mid, msg(11, to="carol").mid]
+
+
+async def test_acks_have_a_lane_of_their_own(pg_factory: PostgresFactory,
+                                              pg_store: PostgresStore) -> None:
+    """An ack held up (here: a row lock another transaction holds) delays no enqueue:
+    QoS 1 `ok`s do not wait for other messages' acks. The enqueues' pending counts then
+    take the ack once it commits."""
+    store = pg_store
+    await store.enqueue(msg(0), 10)
+    await store.enqueue(msg(1, to="carol"), 10)
+    conn = await asyncpg.connect(pg_factory.dsn,
+                                 server_settings={"search_path": pg_factory.schema})
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT 1 FROM messages WHERE mid = $1 FOR UPDATE", msg(0).mid)
+        ack = asyncio.ensure_future(store.ack("bob", [msg(0).mid], NOW + 1))
+        await asyncio.sleep(0.2)
+        assert not ack.done()  # waiting for the row
+        async with asyncio.timeout(5):
+            await store.enqueue(msg(2), 10)
+            await store.enqueue(msg(3, to="carol"), 10)
+        assert not ack.done()
+        await tx.rollback()
+        assert [a.mid for a in await asyncio.wait_for(ack, 5)] == [msg(0).mid]
+    finally:
+        await conn.close()
+    assert [m.mid for m in await store.pending("bob", NOW, None, 10)] == [msg(2).mid]
+    assert await store.count_pending("bob", NOW) == 1
+    # The queue bound counts bob's queue without the acked message: 1 of 2 taken.
+    await store.enqueue(msg(4), 2)
+    with pytest.raises(QueueFull):
+        await store.enqueue(msg(5), 2)
 
 
 async def test_queue_bound_sees_other_instances(pg_factory: PostgresFactory) -> None:

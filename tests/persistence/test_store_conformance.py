@@ -858,10 +858,25 @@ async def test_held_delivered_marks_are_bounded(store: Store,
     for i in range(4):
         await store.enqueue(msg(i), 10)
     store.mark_delivered_nowait([msg(i).mid for i in range(4)], NOW + 1)
-    await store.enqueue(msg(9), 10)  # the next commit
+    # The next commit (PostgreSQL: of the acks' lane, where the marks are held); an ack
+    # of no message changes nothing else.
+    assert await store.ack("carol", ["no such mid"], NOW + 1) == []
     assert len(marks) == 2
     seen = [await _delivered_seen_by_another(store_factory, msg(i).mid) for i in range(4)]
     assert seen == [NOW + 1, NOW + 1, None, None]
+
+
+async def test_an_ack_by_another_node_keeps_the_delivered_mark(
+        store: Store, store_factory: StoreFactory) -> None:
+    """The ack writes the held mark only if it acks the message: carol's ack of bob's
+    message acks nothing, and the mark stays for bob's."""
+    await store.enqueue(msg(0), 10)
+    store.mark_delivered_nowait([msg(0).mid], NOW + 1)
+    assert await store.ack("carol", [msg(0).mid], NOW + 2) == []
+    await store.ping()  # the flush: held marks are written
+    assert await _delivered_seen_by_another(store_factory, msg(0).mid) == NOW + 1
+    state = await store.message_state(msg(0).mid, NOW + 3)
+    assert state is not None and (state.state, state.delivered) == ("delivered", NOW + 1)
 
 
 async def test_close_flushes_queued_work(store_factory: StoreFactory) -> None:
