@@ -233,6 +233,21 @@ def _check_text(*values: str | None) -> None:
             raise StoreError("store: invalid value (text with NUL or a lone surrogate)")
 
 
+def _check_message_text(msg: StoredMessage, cid: str | None) -> None:
+    """`_check_text` of a message's ids, once per QoS 1 message: ASCII without NUL (all
+    of them, in practice) is told in two C calls."""
+    text = f"{msg.mid}{msg.sender}{msg.recipient}{cid or ''}"
+    if not text.isascii() or "\x00" in text:
+        _check_text(msg.mid, msg.sender, msg.recipient, cid)
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows to the `width` column lists an `unnest($1::..[], $2::..[], ...)` takes."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 def _dumps(value: dict[str, Any], default: Callable[[Any], Any] | None = None) -> str:
     # ensure_ascii: the JSON text is then valid UTF-8 whatever the strings hold.
     # allow_nan=False: NaN is not JSON, and PostgreSQL's json type refuses it.
@@ -1155,7 +1170,7 @@ class PostgresStore:
 
     async def enqueue(self, msg: StoredMessage, max_pending: int, *, cid: str | None = None,
                       dedup_window_ms: int = 0) -> str | None:
-        _check_text(msg.mid, msg.sender, msg.recipient, cid)
+        _check_message_text(msg, cid)
         first: str | None = await self._submit(_ENQUEUE, (msg, max_pending, cid,
                                                           dedup_window_ms))
         return first
@@ -1166,7 +1181,7 @@ class PostgresStore:
         futures: list[asyncio.Future[Any]] = []
         for msg, max_pending, cid, window_ms in items:
             try:
-                _check_text(msg.mid, msg.sender, msg.recipient, cid)
+                _check_message_text(msg, cid)
             except StoreError as exc:  # this one alone is refused
                 refused = loop.create_future()
                 refused.set_exception(exc)
@@ -1780,14 +1795,11 @@ class PostgresStore:
         if batch.by_kind[_HISTORY]:
             await self._apply_history(conn, batch.by_kind[_HISTORY], outcomes, batch.careful)
         if batch.by_kind[_AUDIT]:
-            columns: list[list[Any]] = [[], [], [], [], []]
-            for item in batch.by_kind[_AUDIT]:
-                kind, node, ip, detail_json, now_ms = item.args
-                for column, value in zip(columns, (now_ms, kind, node, ip, detail_json),
-                                         strict=True):
-                    column.append(value)
-                outcomes.append((item, None, None))
-            await conn.execute(_SQL_INSERT_AUDIT, *columns)
+            audit = batch.by_kind[_AUDIT]
+            outcomes.extend((item, None, None) for item in audit)
+            # item.args: kind, node, ip, detail_json, now_ms
+            await conn.execute(_SQL_INSERT_AUDIT, *_columns(
+                [(a[4], a[0], a[1], a[2], a[3]) for a in (item.args for item in audit)], 5))
         return outcomes
 
     async def _apply_enqueues(self, conn: Any, items: list[_Item],
@@ -1858,13 +1870,9 @@ class PostgresStore:
                 winners[key] = item
         inserted: set[tuple[str, int]] = set()
         if accepted:
-            columns: list[list[Any]] = [[], [], [], [], [], [], [], [], []]
-            for item in accepted:
-                m: StoredMessage = item.args[0]
-                for column, value in zip(columns, (m.mid, m.sender, m.recipient, m.body,
-                                                   m.sig, m.receipt, m.created, m.expires,
-                                                   _meta_json(m.meta)), strict=True):
-                    column.append(value)
+            columns = _columns([(m.mid, m.sender, m.recipient, m.body, m.sig, m.receipt,
+                                 m.created, m.expires, _meta_json(m.meta))
+                                for m in (item.args[0] for item in accepted)], 9)
             if careful:
                 rows = await conn.fetch(_SQL_INSERT_MESSAGES_CAREFUL, *columns)
                 inserted = {(row[0], row[1]) for row in rows}
@@ -1893,14 +1901,12 @@ class PostgresStore:
         past its window is taken over); return the mid each key names now: that item's,
         or an older message's (docs/protocol.md §4.2)."""
         ordered = sorted(firsts)
-        columns: list[list[Any]] = [[], [], [], [], []]
+        rows_: list[tuple[Any, ...]] = []
         for key in ordered:
             m: StoredMessage = firsts[key].args[0]
             window_ms: int = firsts[key].args[3]
-            for column, value in zip(columns, (key[0], key[1], m.mid, m.created,
-                                               m.created + window_ms), strict=True):
-                column.append(value)
-        rows = await conn.fetch(_SQL_DEDUP, *columns)
+            rows_.append((key[0], key[1], m.mid, m.created, m.created + window_ms))
+        rows = await conn.fetch(_SQL_DEDUP, *_columns(rows_, 5))
         return {(row[0], row[1]): row[2] for row in rows}
 
     async def _settle_cids(self, conn: Any, firsts: dict[tuple[str, str], _Item],
@@ -1923,9 +1929,9 @@ class PostgresStore:
                 w: StoredMessage = winner.args[0]
                 moved.append((key[0], key[1], w.mid, w.created, w.created + winner.args[3]))
         if drop:
-            await conn.execute(_SQL_DEDUP_DROP, *(list(c) for c in zip(*drop, strict=True)))
+            await conn.execute(_SQL_DEDUP_DROP, *_columns(drop, 3))
         if moved:
-            await conn.execute(_SQL_DEDUP_SET, *(list(c) for c in zip(*moved, strict=True)))
+            await conn.execute(_SQL_DEDUP_SET, *_columns(moved, 5))
 
     async def _apply_acks(self, conn: Any, batch: _Batch, outcomes: list[_Outcome]) -> None:
         items = batch.by_kind[_ACK]
@@ -1990,7 +1996,7 @@ class PostgresStore:
         for rows, sql in (([(n, *v) for n, v in ordered if n in before], _SQL_NODES_SEEN),
                           ([(n, *v) for n, v in ordered if n not in before], _SQL_NODES_NEW)):
             if rows:
-                await conn.execute(sql, *(list(c) for c in zip(*rows, strict=True)))
+                await conn.execute(sql, *_columns(rows, 4))
         counts = {row[0]: row[1] for row in await conn.fetch(_SQL_COUNT_MANY, list(at),
                                                               list(at.values()))}
         for item in items:
@@ -2033,17 +2039,16 @@ class PostgresStore:
             await conn.execute(_SQL_CLEAR_HISTORY, clear)
         inserted: set[tuple[str, int]] = set()
         if rows_in:
-            columns: list[list[Any]] = [[], [], [], [], [], [], [], []]
+            rows_: list[tuple[Any, ...]] = []
             seen: set[tuple[str, int]] = set()
             for item in rows_in:
                 e: HistoryEntry = item.args[0]
                 if (e.topic, e.seq) in seen:
                     continue
                 seen.add((e.topic, e.seq))
-                for column, value in zip(columns, (e.topic, e.seq, e.mid, e.sender, e.body,
-                                                   e.ts, e.sig, _meta_json(e.meta)),
-                                         strict=True):
-                    column.append(value)
+                rows_.append((e.topic, e.seq, e.mid, e.sender, e.body, e.ts, e.sig,
+                              _meta_json(e.meta)))
+            columns = _columns(rows_, 8)
             if careful:
                 rows = await conn.fetch(_SQL_INSERT_HISTORY_CAREFUL, *columns)
                 inserted = {(row[0], row[1]) for row in rows}

@@ -71,11 +71,23 @@ EnqueueArgs = tuple["StoredMessage", int, "str | None", int]
 
 async def outcomes_of(futures: list[asyncio.Future[Any]]) -> list[Any]:
     """Each future's result, or the StoreError it failed with (`enqueue_many`); any
-    other exception (a bug, a cancellation) is raised."""
-    outcomes = await asyncio.gather(*futures, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
-            raise outcome
+    other exception (a bug, a cancellation) is raised, and the futures not yet awaited
+    are cancelled.
+
+    Awaited one after another, not gathered: they are resolved together (one commit),
+    so only the first await suspends, and no done-callback per future is scheduled.
+    """
+    outcomes: list[Any] = []
+    try:
+        for future in futures:
+            try:
+                outcomes.append(await future)
+            except StoreError as exc:
+                outcomes.append(exc)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
     return outcomes
 
 

@@ -25,6 +25,7 @@ from openred.persistence.store import (
     StoredMessage,
     StoreError,
     StoreUnavailable,
+    outcomes_of,
 )
 
 from tests.conftest import timeout
@@ -981,3 +982,40 @@ async def test_sqlite_memory_database_is_private_to_the_store() -> None:
     finally:
         await one.close()
         await two.close()
+
+
+async def test_enqueue_many_answers_each_message(store: Store) -> None:
+    """One call, one commit, an outcome per message in call order: stored (None), a
+    duplicate mid refused alone, the queue bound met by the third of bob's."""
+    out = await store.enqueue_many([(msg(1), 2, None, 0), (msg(1), 2, None, 0),
+                                    (msg(2), 2, None, 0), (msg(3), 2, None, 0),
+                                    (msg(4, to="carol"), 2, None, 0)])
+    assert out[0] is None and out[2] is None and out[4] is None
+    assert isinstance(out[1], StoreError) and "constraint failed" in str(out[1])
+    assert isinstance(out[3], QueueFull)
+    assert [m.mid for m in await store.pending("bob", NOW, None, 10)] == [msg(1).mid,
+                                                                        msg(2).mid]
+
+
+async def test_outcomes_of_keeps_store_errors_and_cancels_what_is_left() -> None:
+    loop = asyncio.get_running_loop()
+    done = [loop.create_future() for _ in range(3)]
+    done[0].set_result("m1")
+    done[1].set_exception(QueueFull("queue full"))
+    done[2].set_result(None)
+    out = await outcomes_of(done)
+    assert out[0] == "m1" and isinstance(out[1], QueueFull) and out[2] is None
+
+    bug = [loop.create_future() for _ in range(2)]
+    bug[0].set_exception(RuntimeError("a bug"))
+    with pytest.raises(RuntimeError):
+        await outcomes_of(bug)
+    assert bug[1].cancelled()
+
+    waiting = [loop.create_future() for _ in range(3)]
+    task = asyncio.ensure_future(outcomes_of(waiting))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(f.cancelled() for f in waiting)  # the writer skips them
