@@ -103,3 +103,41 @@ async def test_stop_releases_everything(here: Path, loop_guard: list[Any]) -> No
     assert h.node is None
     for port in ports:
         assert_port_free(port)
+
+
+def test_serve_settles_the_heap_once_up(tmp_path: Path) -> None:
+    """`serve` (the hub's process) freezes what startup allocated and collects the
+    middle generation every 100 young collections (hub/app.py `settle_heap`): checked
+    in a process of its own, as the collector's state is the process's."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import asyncio, gc, os, signal
+        from openred.hub import app
+        from openred.hub.config import load_config
+
+        async def main():
+            async def look():
+                for _ in range(100):  # serve() is up within 5 s
+                    if gc.get_freeze_count():
+                        break
+                    await asyncio.sleep(0.05)
+                print(gc.get_threshold(), gc.get_freeze_count() > 10_000, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+            watcher = asyncio.ensure_future(look())
+            code = await app.serve(load_config(None, env={}, overrides={
+                "store.url": "sqlite://:memory:", "server.ws_port": 0,
+                "server.admin_port": 0}))
+            await watcher
+            return code
+
+        print("threshold before", gc.get_threshold(), flush=True)
+        raise SystemExit(asyncio.run(main()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["threshold before (700, 10, 10)",
+                                       "(700, 100, 20) True"]
