@@ -4,6 +4,7 @@ handshake limit and idle timeout, §3 nil ids on error frames, against a real hu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import msgpack
@@ -463,3 +464,47 @@ async def test_error_frames_without_id_have_nil_id(make_hub):
     r = await a.request({"t": "presence", "id": 2, "nodes": []})
     assert r["t"] == "ok"
     await a.close()
+
+
+async def test_housekeeping_pings_in_small_slices(make_hub, monkeypatch) -> None:
+    """A sweep that pings many sessions at once yields to the loop every
+    HOUSEKEEP_SLICE / HOUSEKEEP_PING_COST pings, not only every HOUSEKEEP_SLICE
+    sessions: a burst of pings (a socket write each) is what held relaying up with
+    19,000 sessions connected (hub/node.py). Counted per loop iteration by a callback
+    that runs once in each: no timing."""
+    from openred.hub import node as hub_node
+    from openred.hub.transport import Connection
+
+    monkeypatch.setattr(hub_node, "HOUSEKEEP_SLICE", 40)
+    monkeypatch.setattr(hub_node, "HOUSEKEEP_PING_COST", 10)  # at most 4 pings a slice
+    pings = [0]
+    target = [10**9]
+    enough = asyncio.Event()
+    send_ping = Connection.send_ping
+
+    def counted(self: Connection) -> None:
+        pings[0] += 1
+        if pings[0] >= target[0]:
+            enough.set()
+        send_ping(self)
+
+    monkeypatch.setattr(Connection, "send_ping", counted)
+    h = await make_hub(**{"limits.hb_s": 1})
+    nodes = await asyncio.gather(*(RawNode.connect(h) for _ in range(60)))
+    loop = asyncio.get_running_loop()
+    samples: list[int] = []
+    running = [True]
+
+    def tick() -> None:  # once per loop iteration
+        samples.append(pings[0])
+        if running[0]:
+            loop.call_soon(tick)
+
+    target[0] = pings[0] + 120  # two sweeps that ping every session
+    tick()
+    await asyncio.wait_for(enough.wait(), timeout(10))
+    running[0] = False
+    steps = [b - a for a, b in itertools.pairwise(samples)]
+    assert max(steps) <= 4, max(steps)
+    assert sum(steps) >= 120
+    await asyncio.gather(*(n.close() for n in nodes))
