@@ -250,8 +250,10 @@ class GuardedStore(_Guard):
         # committed writes, which queue in the store's writer) wait here for one, so a
         # reconnect storm queues instead of timing out inside the pool and opening the
         # breaker (which turned 10,000 reconnecting nodes into a minute-long outage).
-        # Two connections stay for the writer and the in-doubt resolver. A store with one
-        # connection (SQLite: its own thread, which queues and batches) is not gated.
+        # Two connections stay for the writers (PostgreSQL's two lanes: stores, acks);
+        # the in-doubt resolver, rare, takes the next one a read gives back. A store
+        # with one connection (SQLite: its own thread, which queues and batches) is not
+        # gated.
         pool = store.pool_usage()[1]
         self._slots = asyncio.Semaphore(pool - 2) if pool > 2 else None
         self._queued = 0
