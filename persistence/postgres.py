@@ -61,7 +61,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib.resources.abc import Traversable
@@ -792,6 +792,7 @@ class PostgresStore:
         self._resolvers: set[asyncio.Task[None]] = set()
         self._compensators: set[asyncio.Task[None]] = set()
         self._lanes = (_Lane(0), _Lane(_ACK_LANE))
+        self._acking: dict[str, int] = {}  # node -> its ack calls not finished yet
         self._next_no = 0  # number of the last item submitted
         self._last_no = [0] * 6  # number of the last item submitted, by kind
         self._batch_no = 0
@@ -1223,7 +1224,9 @@ class PostgresStore:
         if not mids or not _text_ok(node_id):
             self._check_writable()
             return []
-        return cast(list[AckResult], await self._submit(_ACK, (node_id, mids, now_ms)))
+        future = self._submit(_ACK, (node_id, mids, now_ms))
+        self._acking[node_id] = self._acking.get(node_id, 0) + 1
+        return cast(list[AckResult], await future)
 
     async def message_state(self, mid: str, now_ms: int) -> MessageState | None:
         await self._barrier(_ENQUEUE, _DELIVERED, _ACK)
@@ -1480,16 +1483,21 @@ class PostgresStore:
         `purge_expired` wait for everything (`ping` is the flush).
         """
         self._check_open()
-        for lane in self._lanes:
-            # The number of this lane's last item of these kinds: lanes commit in order.
-            target = max((self._last_no[k] for k in (kinds or lane.kinds)
-                          if _LANE_OF[k] == lane.no), default=0)
-            if lane.done_no >= target or lane.task is None or self._dead:
-                continue
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            lane.barriers.append((target, future))
-            lane.wake.set()
-            await future
+        # Per lane, the number of its last item of these kinds submitted so far (taken
+        # for both lanes before waiting for either): each lane commits in order.
+        targets = [max((self._last_no[k] for k in (kinds or lane.kinds)
+                        if _LANE_OF[k] == lane.no), default=0) for lane in self._lanes]
+        for lane, target in zip(self._lanes, targets, strict=True):
+            await self._wait_lane(lane, target)
+
+    async def _wait_lane(self, lane: _Lane, target: int) -> None:
+        """Until `lane` has finished its items up to number `target`."""
+        if lane.done_no >= target or lane.task is None or self._dead:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lane.barriers.append((target, future))
+        lane.wake.set()
+        await future
 
     @staticmethod
     def _release_barriers(lane: _Lane, all_: bool = False) -> None:
@@ -1543,6 +1551,7 @@ class PostgresStore:
                 batch = self._take(lane)
                 await self._flush(lane, batch)
                 lane.done_no = batch[-1].no
+                self._acks_done(batch)
                 batch = []
                 self._release_barriers(lane)
         except BaseException as exc:  # a bug or a cancelled loop: never leave a caller waiting
@@ -1551,6 +1560,7 @@ class PostgresStore:
             self._dead = True
             left = batch + list(lane.queue)
             lane.queue.clear()
+            self._acks_done(left)
             self._dropped += _resolve([(item, None, _unavailable("writer stopped"))
                                        for item in left])
             for each in self._lanes:  # the other lane's waiting readers too
@@ -1559,6 +1569,17 @@ class PostgresStore:
         finally:
             if self._closed:
                 self._release_barriers(lane, all_=True)
+
+    def _acks_done(self, items: list[_Item]) -> None:
+        acking = self._acking
+        for item in items:
+            if item.kind == _ACK:
+                node_id = item.args[0]
+                left = acking[node_id] - 1
+                if left:
+                    acking[node_id] = left
+                else:
+                    del acking[node_id]
 
     def _urgent(self, lane: _Lane) -> bool:
         return lane.awaited > 0 or bool(lane.barriers) or self._closed
@@ -1853,12 +1874,13 @@ class PostgresStore:
             entry = counts.get(msg.recipient, msg.created, now_s)
             if entry is None or (entry[0] >= max_pending and entry[4] != batch_no):
                 # Not held, or full by a count other instances' acks may have changed.
-                # The rows accepted so far in this batch are not inserted yet: add them.
-                row = await conn.fetchrow(_SQL_COUNT_MANY, [msg.recipient], [msg.created])
-                extra = [e for e in batch_new.get(msg.recipient, ()) if e > msg.created]
-                expiries = extra if row[2] is None else [row[2], *extra]
-                entry = counts.put(msg.recipient, row[1] + len(extra), msg.created,
-                                   min(expiries, default=None), time.monotonic(), batch_no)
+                entry = await self._recount(conn, msg, batch_new.get(msg.recipient, ()))
+            if entry[0] >= max_pending and self._acking.get(msg.recipient):
+                # Full, but acks of this recipient's submitted before (in the other lane)
+                # are not committed yet: they count first, as with one queue. Only the
+                # recipient acks its queue, so nobody else can make an enqueue wait here.
+                await self._wait_lane(self._lanes[_ACK_LANE], self._last_no[_ACK])
+                entry = await self._recount(conn, msg, batch_new.get(msg.recipient, ()))
             if entry[0] >= max_pending:
                 outcomes.append((item, None, QueueFull("queue full")))
                 continue
@@ -1894,6 +1916,18 @@ class PostgresStore:
                 outcomes.append((item, None, _duplicate("mid")))
         if firsts:
             await self._settle_cids(conn, firsts, remembered, winners, inserted)
+
+    async def _recount(self, conn: Any, msg: StoredMessage, accepted: Iterable[int]
+                       ) -> list[Any]:
+        """Count `msg.recipient`'s queue at `msg.created` (inside the batch transaction)
+        and keep the count; `accepted`: expiries of the batch's messages for it, not
+        inserted yet."""
+        row = await conn.fetchrow(_SQL_COUNT_MANY, [msg.recipient], [msg.created])
+        extra = [e for e in accepted if e > msg.created]
+        expiries = extra if row[2] is None else [row[2], *extra]
+        return self._counts.put(msg.recipient, row[1] + len(extra), msg.created,
+                                min(expiries, default=None), time.monotonic(),
+                                self._batch_no)
 
     async def _remember_cids(self, conn: Any, firsts: dict[tuple[str, str], _Item]
                              ) -> dict[tuple[str, str], str]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -52,6 +53,28 @@ async def sql(factory: PostgresFactory, query: str, *args: Any) -> list[Any]:
         return list(await conn.fetch(query, *args))
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def row_locked(factory: PostgresFactory, mid: str) -> AsyncIterator[Callable[[], Any]]:
+    """A transaction of another connection holding message `mid`'s row lock; yields
+    the call that rolls it back (the lock's release)."""
+    conn = await asyncpg.connect(factory.dsn, server_settings={"search_path": factory.schema})
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT 1 FROM messages WHERE mid = $1 FOR UPDATE", mid)
+        yield tx.rollback
+    finally:
+        await conn.close()
+
+
+async def blocked_ack(store: PostgresStore, node: str, mid: str) -> asyncio.Future[Any]:
+    """`store.ack` of a message whose row another transaction holds: still waiting."""
+    ack = asyncio.ensure_future(store.ack(node, [mid], NOW + 1))
+    await asyncio.sleep(0.2)
+    assert not ack.done()  # waiting for the row
+    return ack
 
 
 async def partitions(factory: PostgresFactory, table: str) -> set[str]:
@@ -332,29 +355,42 @@ async def test_acks_have_a_lane_of_their_own(pg_factory: PostgresFactory,
     store = pg_store
     await store.enqueue(msg(0), 10)
     await store.enqueue(msg(1, to="carol"), 10)
-    conn = await asyncpg.connect(pg_factory.dsn,
-                                 server_settings={"search_path": pg_factory.schema})
-    try:
-        tx = conn.transaction()
-        await tx.start()
-        await conn.execute("SELECT 1 FROM messages WHERE mid = $1 FOR UPDATE", msg(0).mid)
-        ack = asyncio.ensure_future(store.ack("bob", [msg(0).mid], NOW + 1))
-        await asyncio.sleep(0.2)
-        assert not ack.done()  # waiting for the row
+    async with row_locked(pg_factory, msg(0).mid) as release:
+        ack = await blocked_ack(store, "bob", msg(0).mid)
         async with asyncio.timeout(5):
             await store.enqueue(msg(2), 10)
             await store.enqueue(msg(3, to="carol"), 10)
         assert not ack.done()
-        await tx.rollback()
+        await release()
         assert [a.mid for a in await asyncio.wait_for(ack, 5)] == [msg(0).mid]
-    finally:
-        await conn.close()
     assert [m.mid for m in await store.pending("bob", NOW, None, 10)] == [msg(2).mid]
     assert await store.count_pending("bob", NOW) == 1
     # The queue bound counts bob's queue without the acked message: 1 of 2 taken.
     await store.enqueue(msg(4), 2)
     with pytest.raises(QueueFull):
         await store.enqueue(msg(5), 2)
+
+
+async def test_a_full_queue_counts_the_acks_submitted_before(
+        pg_factory: PostgresFactory, pg_store: PostgresStore) -> None:
+    """With acks in their own lane, an ack submitted before an enqueue may commit after
+    it: a queue that looks full waits for its recipient's acks in flight and counts
+    again, as one queue did. Another recipient's full queue is refused at once, whatever
+    acks are blocked (only a node's own acks can make its senders wait)."""
+    store = pg_store
+    await store.enqueue(msg(0), 1)
+    await store.enqueue(msg(1, to="carol"), 1)
+    async with row_locked(pg_factory, msg(0).mid) as release:
+        ack = await blocked_ack(store, "bob", msg(0).mid)
+        with pytest.raises(QueueFull):
+            await asyncio.wait_for(store.enqueue(msg(2, to="carol"), 1), 5)
+        send = asyncio.ensure_future(store.enqueue(msg(3), 1))
+        await asyncio.sleep(0.2)
+        assert not send.done()  # waits for bob's ack, not refused
+        await release()
+        assert [a.mid for a in await asyncio.wait_for(ack, 5)] == [msg(0).mid]
+        assert await asyncio.wait_for(send, 5) is None  # stored
+    assert [m.mid for m in await store.pending("bob", NOW, None, 10)] == [msg(3).mid]
 
 
 async def test_queue_bound_sees_other_instances(pg_factory: PostgresFactory) -> None:
