@@ -798,8 +798,6 @@ class PostgresStore:
         self._batch_no = 0
         self._counts = PendingCounts(self.pending_count_max_age_s)
         self.delivered_marks = DeliveredMarks()
-        # Marks the acks of the batch being committed write (mid -> delivery time).
-        self._ack_marks: dict[str, int] = {}
         self.read_url = read_url
         self._read_dsn = read_dsn
         self._read_pool: Any = None
@@ -1551,7 +1549,8 @@ class PostgresStore:
                 batch = self._take(lane)
                 await self._flush(lane, batch)
                 lane.done_no = batch[-1].no
-                self._acks_done(batch)
+                if lane.no == _ACK_LANE:
+                    self._acks_done(batch)
                 batch = []
                 self._release_barriers(lane)
         except BaseException as exc:  # a bug or a cancelled loop: never leave a caller waiting
@@ -1600,8 +1599,9 @@ class PostgresStore:
         return batch
 
     def _fold_marks(self, items: list[_Item]) -> list[_Item]:
-        """The items to commit: delivered marks are held (`DeliveredMarks`), the acks
-        take theirs, and the marks due are written with this batch."""
+        """The items to commit: delivered marks are held (`DeliveredMarks`; an ack that
+        acks its message writes it, `_apply_acks`), and the marks due are written with
+        this batch."""
         marks = self.delivered_marks
         work: list[_Item] = []
         for item in items:
@@ -1609,14 +1609,6 @@ class PostgresStore:
                 marks.hold(*item.args)
             else:
                 work.append(item)
-        ack_marks: dict[str, int] = {}
-        for item in work:
-            if item.kind == _ACK:
-                for mid in item.args[1]:
-                    at = marks.take(mid)
-                    if at is not None:
-                        ack_marks[mid] = at
-        self._ack_marks = ack_marks
         mids, times = marks.take_due(everything=self._closed)
         if mids:  # no future, no number: not a caller's, and barriers do not count it
             work.append(_Item(_DELIVERED, (mids, times), None, 0))
@@ -1978,7 +1970,7 @@ class PostgresStore:
                 owner.setdefault((node_id, mid), (item, now_ms))
         keys = list(owner)
         mids_ = [key[1] for key in keys]
-        marks = self._ack_marks
+        marks = self.delivered_marks
         rows = await conn.fetch(_SQL_ACK, [key[0] for key in keys], mids_,
                                 [value[1] for value in owner.values()],
                                 [marks.get(mid) for mid in mids_])
@@ -1987,15 +1979,10 @@ class PostgresStore:
             key = keys[ordinal - 1]
             if key not in acked:
                 acked[key] = AckResult(mid=key[1], sender=sender, receipt=receipt)
+                # Written by this ack; an ack that acks nothing (another node's, a
+                # repeat) leaves the mark held for the right one.
+                marks.take(key[1])
             batch.acked.append((key[0], expires))
-        if marks:
-            # A mark taken for an ack that acked nothing (another node's, a repeat) is
-            # held again for the right one.
-            done = {key[1] for key in acked}
-            held = self.delivered_marks
-            for mid, at in marks.items():
-                if mid not in done:
-                    held.hold([mid], at)
         for item in items:
             node_id, mids, _ = item.args
             result: list[AckResult] = []
