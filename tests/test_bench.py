@@ -59,6 +59,26 @@ def test_idle_counts_memory_per_session() -> None:
     assert hub["kib_per_session"] > 0
 
 
+def test_servers_get_every_file_descriptor_the_machine_allows() -> None:
+    """A server the bench starts may open as many sockets as the machine lets it (its
+    hard limit, raised where allowed), not a fixed 65,536: `idle --sessions 100000`
+    must not stop at the bench's own cap. Started from a soft limit of 256."""
+    import resource
+
+    from bench.procs import NOFILE
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    code = ("import resource; from bench.procs import _preexec, NOFILE; _preexec(NOFILE); "
+            "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    assert proc.returncode == 0, proc.stderr
+    soft_after, hard_after = map(int, proc.stdout.split())
+    assert soft_after == hard_after >= min(hard, NOFILE)
+    assert NOFILE >= 100_000 + 300
+
+
 def test_fanout_delivers_everything() -> None:
     hub = bench("fanout", "--seconds", "1", "--subscribers", "30", "--rate", "5",
                 "--drain", "3", "--no-baselines")["results"]["hub"]
