@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from functools import partial
@@ -36,6 +37,7 @@ from openred.hub.session import ACTIVE, CLOSED, Q1Send, Session
 from openred.hub.tokens import TokenVerifier
 from openred.hub.topic_order import TopicOrder
 from openred.hub.tracing import Tracing
+from openred.hub.transport import CLOSED as CONN_CLOSED
 from openred.hub.transport import OPEN, Connection
 from openred.persistence.store import (
     EnqueueArgs,
@@ -116,6 +118,11 @@ class HubNode:
             self.ws_extensions = [ServerPerMessageDeflateFactory()]
         self.mid = MidGenerator()
         self.connections: set[Connection] = set()
+        # The housekeeping sweep's wheel: second (tick) -> the connections it visits
+        # then. A connection is due at its next ping, idle or write deadline, so a
+        # second's work is the connections due in it, not every connection (`_sweep`).
+        self._tick = 0
+        self._wheel: dict[int, set[Connection]] = {}
         self.local: dict[str, Session] = {}
         self.topics: dict[str, set[Session]] = {}
         self.accepting = True
@@ -141,8 +148,15 @@ class HubNode:
     def new_session(self, conn: Connection) -> Session:
         return Session(self, conn)
 
+    def connection_opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self._visit(conn, 1)
+
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        bucket = self._wheel.get(conn.sweep_at)
+        if bucket is not None:
+            bucket.discard(conn)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 
@@ -196,51 +210,83 @@ class HubNode:
 
     async def _housekeep(self) -> None:
         """Once a second: pings every hb, idle close after 3 x hb, slow-consumer close
-        after 3 x hb of a socket that does not drain (§8); every minute: purge expired
-        messages."""
-        hb = self.cfg.limits.hb_s
-        idle = 3 * hb
-        tick = 0
+        after 3 x hb of a socket that does not drain (§8), for the connections due this
+        second; every minute: purge expired messages."""
         while True:
             await asyncio.sleep(1.0)
-            tick += 1
-            now = self.loop.time()
-            budget = HOUSEKEEP_SLICE
-            for c in list(self.connections):
-                if budget <= 0:
-                    # The sweep is cut into slices with the loop's other work between
-                    # them: in one go, 19,000 sessions stalled relaying for ~30 ms each
-                    # second (docs/benchmarks.md, "latency with idle sessions").
-                    await asyncio.sleep(0)
-                    budget = HOUSEKEEP_SLICE
-                    now = self.loop.time()
-                budget -= 1
-                if c.phase is not OPEN:
-                    continue
-                if c.write_paused and now - c.paused_at > idle:
-                    # §8: a socket that has not drained for 3 x hb is a slow consumer,
-                    # whatever the peer still sends (pings keep it from looking idle).
-                    c.slow_consumer()
-                    continue
-                s = c.session
-                if s is None or s.state is not ACTIVE:
-                    continue
-                if now - c.last_rx > idle:
-                    s.close(E.CLOSE_IDLE, "idle timeout")
-                elif now - c.last_ping >= hb:
-                    c.last_ping = now
-                    c.send_ping()
-                    budget -= HOUSEKEEP_PING_COST
+            self._tick += 1
+            due = self._wheel.pop(self._tick, None)
+            if due:
+                await self._sweep(due)
             self.resyncs.hint_if_due()
             self.claims.retry_if_due()
             self.presence_watch.recheck_if_due()
-            if tick % 60 == 0:
+            if self._tick % 60 == 0:
                 try:
                     await self.store.purge_expired(_now_ms())
                 except StoreUnavailable:
                     pass
                 except Exception:  # housekeeping must outlive any one failure
                     log.exception("housekeeping failed", extra={"event": "housekeeping_failed"})
+
+    def _visit(self, c: Connection, seconds: int) -> None:
+        """Have the sweep visit `c` in `seconds` (>= 1) seconds."""
+        at = self._tick + seconds
+        if c.sweep_at == at:
+            return
+        bucket = self._wheel.get(c.sweep_at)
+        if bucket is not None:
+            bucket.discard(c)
+        c.sweep_at = at
+        bucket = self._wheel.get(at)
+        if bucket is None:
+            self._wheel[at] = {c}
+        else:
+            bucket.add(c)
+
+    async def _sweep(self, due: set[Connection]) -> None:
+        """Visit the connections due this second, in slices with the loop's other work
+        between them (in one go, 19,000 sessions stalled relaying for ~30 ms:
+        docs/benchmarks.md, "latency with idle sessions"), and say when each is due
+        next. `due` is out of the wheel, so nothing changes it while this runs."""
+        hb = self.cfg.limits.hb_s
+        idle = 3 * hb
+        now = self.loop.time()
+        budget = HOUSEKEEP_SLICE
+        for c in due:
+            if budget <= 0:
+                await asyncio.sleep(0)
+                budget = HOUSEKEEP_SLICE
+                now = self.loop.time()
+            budget -= 1
+            phase = c.phase
+            if phase is not OPEN:
+                if phase is not CONN_CLOSED:
+                    self._visit(c, 1)  # upgrading, or closing: a grace timer ends it
+                continue
+            if c.write_paused and now - c.paused_at > idle:
+                # §8: a socket that has not drained for 3 x hb is a slow consumer,
+                # whatever the peer still sends (pings keep it from looking idle).
+                c.slow_consumer()
+                continue
+            s = c.session
+            if s is None or s.state is not ACTIVE:
+                self._visit(c, 1)  # in its handshake: looked at every second
+                continue
+            if now - c.last_rx > idle:
+                s.close(E.CLOSE_IDLE, "idle timeout")
+                continue
+            if now - c.last_ping >= hb:
+                c.last_ping = now
+                c.send_ping()
+                budget -= HOUSEKEEP_PING_COST
+            # Due again at the first of its deadlines: visits are never early (a tick
+            # is at least a second after the last), and one that finds the deadline
+            # moved (the peer sent something) just says the new one.
+            nxt = min(c.last_ping + hb, c.last_rx + idle)
+            if c.write_paused:
+                nxt = min(nxt, c.paused_at + idle)
+            self._visit(c, max(1, math.ceil(nxt - now)))
 
     # -- the local registry ---------------------------------------------------------
 

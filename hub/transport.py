@@ -65,8 +65,8 @@ class Connection(asyncio.Protocol):
         "_flush_scheduled", "_flushes", "_grace", "_pong", "_reading_paused", "_room",
         "_timer", "batch_out", "close_code", "counted_ip", "hub", "ip", "last_ping",
         "last_rx", "loop", "max_bytes", "max_frames", "out", "out_bytes", "paused_at",
-        "phase", "reader", "refusal", "session", "transport", "write_paused", "writer",
-        "ws",
+        "phase", "reader", "refusal", "session", "sweep_at", "transport", "write_paused",
+        "writer", "ws",
     )
 
     def __init__(self, hub: HubNode) -> None:
@@ -102,6 +102,7 @@ class Connection(asyncio.Protocol):
         self._room: asyncio.Event | None = None
         self.last_rx = self.loop.time()
         self.last_ping = self.last_rx
+        self.sweep_at = -1  # the housekeeping second that visits it (HubNode._visit)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class Connection(asyncio.Protocol):
             except OSError:
                 pass
         hub = self.hub
-        hub.connections.add(self)
+        hub.connection_opened(self)
         # A connection over a cap is refused when its request has come (an HTTP client
         # reads the response only after sending it); until then it counts against
         # limits.max_connections like any other, and the open timeout still holds.

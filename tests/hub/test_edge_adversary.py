@@ -202,16 +202,19 @@ async def test_half_closed_peer_that_does_not_read_is_disconnected(make_hub: Any
             conn.transport.abort()
 
 
+@pytest.mark.parametrize("hb", [1, 2])
 async def test_session_that_never_reads_is_cut_off_even_while_it_pings(
-        hub_proc: HubProc) -> None:  # noqa: F811
+        hub_proc: HubProc, hb: int) -> None:  # noqa: F811
     """Attack: a publisher fills a topic's history (100 x 60 kB); eight sessions that
     never read (small receive window) each send `sub since=0` and then a ping every
     0.5 s. Each recovery pushes half the send queue, waits for room that never comes,
     and holds the history it read; nothing more is pushed, so the slow-consumer bound is
     never crossed, and the pings keep the idle check quiet. Per docs/protocol.md §8 a
     consumer that does not drain is cut off (4009); here all eight stay online past
-    3 x hb + grace and the hub's RSS grows ~5.6 MiB per session (1000 per IP allowed)."""
-    h = await hub_proc(OPENRED_HUB_LIMITS_HB_S="1")
+    3 x hb + grace and the hub's RSS grows ~5.6 MiB per session (1000 per IP allowed).
+    With hb 2 a session's writing pauses between two visits of the sweep, which must
+    still find the write deadline (hub/node.py, the sweep's wheel)."""
+    h = await hub_proc(OPENRED_HUB_LIMITS_HB_S=str(hb))
     assert h.proc is not None
     publisher = await RawNode.connect(h)
     for i in range(100):
@@ -229,7 +232,7 @@ async def test_session_that_never_reads_is_cut_off_even_while_it_pings(
             reading(raw, False)
             raw.send_frame({"t": "sub", "id": 1, "topic": "h", "since": 0})
             raws.append(raw)
-        while loop.time() - t0 < 3 + 1 + CLOSE_GRACE_S:
+        while loop.time() - t0 < 3 * hb + 1 + CLOSE_GRACE_S:
             for raw in raws:
                 raw.send(raw.out.frame(OP_PING, b"still here"))
             await asyncio.sleep(0.5)

@@ -400,18 +400,22 @@ class SilentClient:
         return elapsed
 
 
-async def test_idle_timeout(make_hub):
-    h = await make_hub(**{"limits.hb_s": 1})
+@pytest.mark.parametrize("hb", [1, 2])
+async def test_idle_timeout(make_hub, hb):
+    """Closed between 3 x hb and 3 x hb + 1 s (docs/protocol.md §8), also with hb above
+    the sweep's one second, where a session is visited only when one of its deadlines
+    is due (hub/node.py, the sweep's wheel)."""
+    h = await make_hub(**{"limits.hb_s": hb})
     silent = SilentClient()
     await silent.start(h, Identity.generate())
     lively = await RawNode.connect(h)  # websockets answers pings by itself
-    assert lively.welcome["hb"] == 1
-    elapsed = await asyncio.wait_for(silent.wait_closed(), timeout(8))
+    assert lively.welcome["hb"] == hb
+    elapsed = await asyncio.wait_for(silent.wait_closed(), timeout(8 * hb))
     assert silent.close_code == 4011
-    assert 3.0 <= elapsed < 3.0 + timeout(1.8)
-    assert silent.pings >= 1  # pinged (every hb, on a 1 s housekeeping tick)
+    assert 3.0 * hb <= elapsed < 3.0 * hb + timeout(1.8)
+    assert silent.pings >= 2  # pinged every hb, on the 1 s housekeeping tick
     # The session that answers pings is alive past 3 x hb.
-    await asyncio.sleep(max(0.0, 4.0 - (time.monotonic() - silent.hello_at)))
+    await asyncio.sleep(max(0.0, 3.0 * hb + 1 - (time.monotonic() - silent.hello_at)))
     r = await lively.request({"t": "presence", "id": 1, "nodes": [lively.node_id]})
     assert r["online"] == {lively.node_id: True}
     await lively.close()
@@ -464,6 +468,35 @@ async def test_error_frames_without_id_have_nil_id(make_hub):
     r = await a.request({"t": "presence", "id": 2, "nodes": []})
     assert r["t"] == "ok"
     await a.close()
+
+
+async def test_the_sweep_visits_only_connections_due(make_hub, monkeypatch) -> None:
+    """Each second the housekeeping sweep looks only at the connections with a deadline
+    (ping, idle, write) in it, not at all of them: with hb 5, forty quiet sessions
+    are not looked at again until their first ping is due. A sweep over every
+    connection each second made ~1 us a session of work, 100 ms a second at 100,000
+    sessions (docs/benchmarks.md). Counted, not timed."""
+    from openred.hub.node import HubNode
+
+    visits: list[int] = []
+    sweep = HubNode._sweep
+
+    async def counted(self: HubNode, due: set) -> None:
+        visits.append(len(due))
+        await sweep(self, due)
+
+    monkeypatch.setattr(HubNode, "_sweep", counted)
+    h = await make_hub(**{"limits.hb_s": 5})
+    nodes = await asyncio.gather(*(RawNode.connect(h) for _ in range(40)))
+    await asyncio.sleep(1.5)  # each is looked at once, a second after it connected
+    seen = sum(visits)
+    assert seen >= 40
+    await asyncio.sleep(2.0)  # pings are due 5 s after connecting: nothing to look at
+    assert sum(visits) - seen < 40, visits  # a sweep of all would be 80 here
+    for n in nodes:  # ...and all of them still pinged when due, and alive
+        r = await n.request({"t": "presence", "id": 1, "nodes": [n.node_id]})
+        assert r["online"] == {n.node_id: True}
+    await asyncio.gather(*(n.close() for n in nodes))
 
 
 async def test_housekeeping_pings_in_small_slices(make_hub, monkeypatch) -> None:
