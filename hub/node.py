@@ -248,7 +248,9 @@ class HubNode:
         """Visit the connections due this second, in slices with the loop's other work
         between them (in one go, 19,000 sessions stalled relaying for ~30 ms:
         docs/benchmarks.md, "latency with idle sessions"), and say when each is due
-        next. `due` is out of the wheel, so nothing changes it while this runs."""
+        next. Every connection not yet closed stays in the wheel, as each was in the
+        sweep over all of them. `due` is out of the wheel, so nothing changes it while
+        this runs."""
         hb = self.cfg.limits.hb_s
         idle = 3 * hb
         now = self.loop.time()
@@ -268,6 +270,7 @@ class HubNode:
                 # §8: a socket that has not drained for 3 x hb is a slow consumer,
                 # whatever the peer still sends (pings keep it from looking idle).
                 c.slow_consumer()
+                self._visit(c, 1)  # closing: looked at every second until it is closed
                 continue
             s = c.session
             if s is None or s.state is not ACTIVE:
@@ -275,6 +278,7 @@ class HubNode:
                 continue
             if now - c.last_rx > idle:
                 s.close(E.CLOSE_IDLE, "idle timeout")
+                self._visit(c, 1)
                 continue
             if now - c.last_ping >= hb:
                 c.last_ping = now
