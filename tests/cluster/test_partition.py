@@ -214,6 +214,10 @@ async def test_accepted_while_cut_off_reaches_online_nodes_after_a_restart(
         await asyncio.sleep(0.5)  # duplicates, if any, would come now
         late = sum(out_of_order(mids, inboxes[to].mids) for (_, to), mids in stored.items())
         dups = sum(i.duplicates() for i in inboxes.values())
+        # Instance 2 may have delivered everything from the marks (its scan) before
+        # instance 1's own reconnect backoff (up to 2 s) ended; instance 1's admin API
+        # answers presence only with its broker up (503 until then), so wait for it.
+        await h1.ready(wait=10.0)
         sessions = {n.node_id: await holders([h1, h2], n.node_id) for n in nodes}
         print(f"\n[{stop}] sent={sent} ok={oked} delivered={delivered()} "
               f"before_link_back={early} duplicates={dups} out_of_order={late} "
