@@ -161,10 +161,6 @@ class Server:
             self.problems.append(f"{self.name} log: ... {len(bad) - 5} more such lines")
 
 
-def _preexec(nofile: int) -> None:
-    raise_nofile(nofile)
-
-
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str,
                timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
@@ -192,7 +188,7 @@ def _process(name: str, cmd: Sequence[str], port: int, cpu: int | None,
     log_path = os.path.join(tmp, f"{name}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd or tmp, stdout=log, stderr=log,
-                                preexec_fn=lambda: _preexec(nofile))
+                                preexec_fn=lambda: raise_nofile(nofile))
     server = Server(name, "127.0.0.1", port, proc, log_path)
     try:
         _wait_port("127.0.0.1", port, proc, name)

@@ -247,7 +247,7 @@ class HubNode:
     async def _sweep(self, due: set[Connection]) -> None:
         """Visit the connections due this second, in slices with the loop's other work
         between them (in one go, 19,000 sessions stalled relaying for ~30 ms:
-        docs/benchmarks.md, "latency with idle sessions"), and say when each is due
+        docs/benchmarks.md, "Many sessions on one instance"), and say when each is due
         next. Every connection not yet closed stays in the wheel, as each was in the
         sweep over all of them. `due` is out of the wheel, so nothing changes it while
         this runs."""

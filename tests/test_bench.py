@@ -68,7 +68,7 @@ def test_servers_get_every_file_descriptor_the_machine_allows() -> None:
     from bench.procs import NOFILE
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    code = ("import resource; from bench.procs import _preexec, NOFILE; _preexec(NOFILE); "
+    code = ("import resource; from bench.procs import raise_nofile; raise_nofile(); "
             "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
