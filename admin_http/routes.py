@@ -648,7 +648,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/readyz", None, "readyz", "readiness: store and broker answer",
           auth=False, tag="probes",
           responses={200: Resp("ready (`ok`), or `degraded` with `failed: [\"broker\"]`"
-                               " while only the broker is down", "Readiness"),
+                               " while only the broker is down (or this instance's own connections"
+                               " to it are not back yet)", "Readiness"),
                      503: Resp("not ready; `failed` names what", "Readiness")}),
     Route("GET", "/metrics", None, "metrics", "Prometheus metrics", auth=False,
           tag="probes",

@@ -154,6 +154,10 @@ class RedisBroker:
         await self.shards.close()
 
     async def ping(self) -> None:
+        # This instance's own pub/sub and publish connections first: a fresh connection
+        # answering while they are still in their reconnect backoff is not a broker the
+        # hub can route through (/readyz, backend_up).
+        self._check_up()
         await self.shards.ping()
 
     def _check_up(self) -> None:

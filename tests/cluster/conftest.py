@@ -130,7 +130,7 @@ class HubProcess:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 
     async def ready(self, wait: float = 20.0) -> None:
-        """Wait for `/readyz` 200 (store and broker answer)."""
+        """Wait for `/readyz` 200: the store answers (the broker may be `degraded`)."""
         assert self.proc is not None
         deadline = asyncio.get_running_loop().time() + timeout(wait)
         async with aiohttp.ClientSession() as http:

@@ -66,6 +66,17 @@ async def until_broker_down(node: RawNode, to: str) -> None:
     await eventually(down, 5.0, every=0.1, what="broker down")
 
 
+async def until_broker_back(hub: HubProcess, wait: float = 10.0) -> None:
+    """Until `hub`'s `/readyz` says `ok`: its own broker connections are up again
+    (`degraded` while they are not)."""
+    async with aiohttp.ClientSession() as http:
+        async def back() -> bool:
+            async with http.get(f"{hub.admin}/readyz") as r:
+                return bool(r.status == 200 and (await r.json())["status"] == "ok")
+
+        await eventually(back, wait, every=0.1, what=f"{hub.name}'s broker back")
+
+
 async def send_stored(sender: RawNode, to: str, body: bytes) -> str:
     r = await sender.request({"t": "send", "id": rid(), "to": to, "body": body, "qos": 1})
     assert r["t"] == "ok" and r["status"] == "stored", r
@@ -156,6 +167,47 @@ def log_count(hub: HubProcess, text: str, since: int = 0) -> int:
 # -- (a) accepted while cut off, then restarted ------------------------------------------
 
 
+async def test_ready_only_once_its_own_broker_connections_are_back(
+        make_cluster: ClusterFactory, redis_server: RedisServer) -> None:
+    """An instance cut off from Redis long enough for its reconnect backoff to grow
+    answers `/readyz` `degraded`; once the link is back, it says `ok` only when it can
+    use Redis again, not as soon as a fresh connection would answer while its own are
+    still waiting out the backoff. Polled every 50 ms from the moment the link is back,
+    each `/readyz` followed by an admin read that needs Redis (presence of a node on
+    the other instance): never `ok` with that read refused."""
+    link = LinkProxy("127.0.0.1", redis_server.port)
+    await link.start()
+    try:
+        h1 = (await make_cluster(1, broker_url=link.url()))[0]
+        h2 = (await make_cluster(1, broker_url=redis_server.url))[0]
+        node = await RawNode.connect(h2)
+        link.set_mode("reset")
+        await asyncio.sleep(4.0)  # the backoff doubles to RECONNECT_MAX_S (2 s, jittered)
+        seen: list[tuple[str, int]] = []
+        async with aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
+
+            async def probe() -> tuple[str, int]:
+                async with http.get(f"{h1.admin}/readyz") as r:
+                    ready = (await r.json())["status"]
+                async with http.get(f"{h1.admin}/v1/nodes/{node.node_id}") as r:
+                    return ready, r.status
+
+            assert await probe() == ("degraded", 503)
+            link.set_mode("forward")
+            deadline = time.monotonic() + timeout(10.0)
+            while not seen or seen[-1] != ("ok", 200):
+                assert time.monotonic() < deadline, seen
+                seen.append(await probe())
+                await asyncio.sleep(0.05)
+        print(f"\n[readyz] probes after the link came back: {len(seen)}, "
+              f"first ok at probe {[r for r, _ in seen].index('ok') + 1}")
+        assert ("ok", 503) not in seen, seen
+        await node.close()
+    finally:
+        await link.close()
+
+
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 async def test_accepted_while_cut_off_reaches_online_nodes_after_a_restart(
         make_cluster: ClusterFactory, redis_server: RedisServer, stop: str) -> None:
@@ -217,7 +269,7 @@ async def test_accepted_while_cut_off_reaches_online_nodes_after_a_restart(
         # Instance 2 may have delivered everything from the marks (its scan) before
         # instance 1's own reconnect backoff (up to 2 s) ended; instance 1's admin API
         # answers presence only with its broker up (503 until then), so wait for it.
-        await h1.ready(wait=10.0)
+        await until_broker_back(h1)
         sessions = {n.node_id: await holders([h1, h2], n.node_id) for n in nodes}
         print(f"\n[{stop}] sent={sent} ok={oked} delivered={delivered()} "
               f"before_link_back={early} duplicates={dups} out_of_order={late} "
